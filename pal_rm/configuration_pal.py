@@ -1,0 +1,202 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""PAL reward model configuration.
+
+This file is copied next to the weights by `save_pretrained`, so it only uses relative imports and the stable public
+transformers API.
+"""
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+VARIANTS = ("a", "b")
+SIMILARITIES = ("neg_sq_l2", "neg_l2", "cosine", "dot")
+POOLINGS = ("last", "mean", "cls")
+ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
+
+
+def _default_pooling(backbone_config) -> str:
+    """`mean` for bidirectional encoders (BERT-like), `last` non-pad token for everything else (decoders)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(backbone_config, "model_type", None)
+    if getattr(backbone_config, "is_decoder", False):
+        return "last"
+    return "mean" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
+
+
+class PalConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`PalRewardModel`]: a personalized reward model (PAL, Chen et al., ICLR 2025) made of a backbone
+    (any `AutoModel`), an item map `f` from the pooled backbone feature to a `preference_dim`-dimensional preference
+    space, `num_prototypes` shared prototypes, and one row of mixture logits per registered user.
+
+    Args:
+        backbone_config (`PretrainedConfig` or `dict`, *optional*):
+            Configuration of the backbone, built with `AutoModel.from_config`. `None` builds a backbone-free model that
+            only takes pooled features (`item_features`, `prompt_features`); then `feature_dim` is required.
+        variant (`str`, *optional*, defaults to `"a"`):
+            `"a"`: prototypes are points of the preference space and the reward depends on the response only.
+            `"b"`: prototypes are maps `g_k` of the prompt feature, so the ideal point depends on the prompt.
+        num_prototypes (`int`, *optional*, defaults to 2):
+            Number of shared prototypes K. Each user is a convex combination of them (K numbers per user).
+        preference_dim (`int`, *optional*, defaults to 128):
+            Dimension d of the learned preference space.
+        head_hidden_dims (`list[int]`, *optional*, defaults to `[]`):
+            Hidden layer widths of the item map `f` (and of each prototype map `g_k` of PAL-B). Empty: a linear map.
+        head_activation (`str`, *optional*, defaults to `"gelu"`):
+            Activation between hidden layers: one of `"relu"`, `"gelu"`, `"silu"`, `"tanh"`, `"identity"`.
+        head_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout before every linear layer of the heads.
+        similarity (`str`, *optional*, defaults to `"neg_sq_l2"`):
+            Reward of a response given an ideal point: `"neg_sq_l2"` (-||f(x) - a||^2), `"neg_l2"` (-||f(x) - a||),
+            `"cosine"` (s * cos(f(x), a) with a learnable logit scale s) or `"dot"` (<f(x), a>).
+        pooling (`str`, *optional*):
+            How token states become one vector: `"last"` non-pad token, `"mean"` over tokens or `"cls"` (first token).
+            Defaults to `"mean"` for bidirectional encoders and `"last"` otherwise.
+        mixture_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature tau of the softmax that maps a user's logits to mixture weights.
+        logit_scale_init (`float`, *optional*, defaults to `1 / 0.07`):
+            Initial value of the logit scale s of the `"cosine"` similarity (stored as log s).
+        logit_scale_max (`float`, *optional*, defaults to 100.0):
+            The logit scale is clamped at this value.
+        feature_dim (`int`, *optional*):
+            Width H of pooled features. Read from `backbone_config.hidden_size` when there is a backbone (never set both
+            to different values); required when `backbone_config` is `None`.
+        user_ids (`list[str]`, *optional*, defaults to `[]`):
+            The user registry: row `i` of the user table belongs to `user_ids[i]`. Grow it with
+            [`PalRewardModel.add_users`].
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of the user logits.
+
+    Example:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from pal_rm import PalConfig, PalRewardModel
+
+    >>> config = PalConfig(backbone_config=BertConfig(num_hidden_layers=1), variant="b", num_prototypes=4)
+    >>> model = PalRewardModel(config)
+    >>> model.add_users(["alice", "bob"])
+    ```
+    """
+
+    model_type = "pal_rm"
+    sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config=None,
+        variant: str = "a",
+        num_prototypes: int = 2,
+        preference_dim: int = 128,
+        head_hidden_dims=None,
+        head_activation: str = "gelu",
+        head_dropout: float = 0.0,
+        similarity: str = "neg_sq_l2",
+        pooling=None,
+        mixture_temperature: float = 1.0,
+        logit_scale_init: float = 1 / 0.07,
+        logit_scale_max: float = 100.0,
+        feature_dim=None,
+        user_ids=None,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if isinstance(backbone_config, dict):
+            backbone_config = dict(backbone_config)
+            if "model_type" not in backbone_config:
+                raise ValueError("`backbone_config` given as a dict must contain `model_type`.")
+            backbone_config = AutoConfig.for_model(**backbone_config)
+        self.backbone_config = backbone_config
+
+        variant = str(variant).lower()
+        if variant not in VARIANTS:
+            raise ValueError(f"`variant` must be 'a' or 'b', got {variant!r}.")
+        if not isinstance(num_prototypes, int) or isinstance(num_prototypes, bool) or num_prototypes < 1:
+            raise ValueError(f"`num_prototypes` must be an integer >= 1, got {num_prototypes!r}.")
+        if not isinstance(preference_dim, int) or preference_dim < 1:
+            raise ValueError(f"`preference_dim` must be an integer >= 1, got {preference_dim!r}.")
+        head_hidden_dims = list(head_hidden_dims or [])
+        if any((not isinstance(width, int)) or width < 1 for width in head_hidden_dims):
+            raise ValueError(f"`head_hidden_dims` must be a list of positive integers, got {head_hidden_dims!r}.")
+        if head_activation not in ACTIVATIONS:
+            raise ValueError(f"`head_activation` must be one of {ACTIVATIONS}, got {head_activation!r}.")
+        if not 0.0 <= head_dropout < 1.0:
+            raise ValueError(f"`head_dropout` must be in [0, 1), got {head_dropout!r}.")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"`similarity` must be one of {SIMILARITIES}, got {similarity!r}.")
+        if mixture_temperature <= 0:
+            raise ValueError(f"`mixture_temperature` must be > 0, got {mixture_temperature!r}.")
+        if logit_scale_init <= 0 or logit_scale_max < logit_scale_init:
+            raise ValueError(
+                f"`logit_scale_init` must be > 0 and <= `logit_scale_max`, got {logit_scale_init!r} and "
+                f"{logit_scale_max!r}."
+            )
+
+        if backbone_config is not None:
+            hidden_size = getattr(backbone_config, "hidden_size", None)
+            if feature_dim is not None and hidden_size is not None and feature_dim != hidden_size:
+                raise ValueError(
+                    f"`feature_dim={feature_dim}` disagrees with the backbone's hidden_size={hidden_size}. Leave "
+                    "`feature_dim` unset when a backbone is given: it is read from the backbone config."
+                )
+            feature_dim = None
+            if pooling is None:
+                pooling = _default_pooling(backbone_config)
+        else:
+            if feature_dim is None or feature_dim < 1:
+                raise ValueError(
+                    "A PalConfig without `backbone_config` takes pooled features directly and needs "
+                    f"`feature_dim` (a positive integer), got {feature_dim!r}."
+                )
+            pooling = pooling or "mean"
+        if pooling not in POOLINGS:
+            raise ValueError(f"`pooling` must be one of {POOLINGS}, got {pooling!r}.")
+
+        user_ids = [str(user) for user in (user_ids or [])]
+        if len(set(user_ids)) != len(user_ids):
+            raise ValueError("`user_ids` contains duplicates; every user id must be unique.")
+
+        self.variant = variant
+        self.num_prototypes = num_prototypes
+        self.preference_dim = preference_dim
+        self.head_hidden_dims = head_hidden_dims
+        self.head_activation = head_activation
+        self.head_dropout = float(head_dropout)
+        self.similarity = similarity
+        self.pooling = pooling
+        self.mixture_temperature = float(mixture_temperature)
+        self.logit_scale_init = float(logit_scale_init)
+        self.logit_scale_max = float(logit_scale_max)
+        self.feature_dim = feature_dim
+        self.user_ids = user_ids
+        self.initializer_range = initializer_range
+
+        kwargs["num_labels"] = 1
+        kwargs["problem_type"] = "regression"
+        kwargs.pop("id2label", None)
+        kwargs.pop("label2id", None)
+        super().__init__(**kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        """Width H of the pooled features (the backbone's hidden size)."""
+        if self.backbone_config is not None:
+            return self.backbone_config.hidden_size
+        return self.feature_dim
+
+    @property
+    def num_users(self) -> int:
+        return len(self.user_ids)
+
+    def get_text_config(self, *args, **kwargs):
+        """The backbone's config, so that TRL and transformers set `pad_token_id` and friends where they are read."""
+        if self.backbone_config is not None:
+            return self.backbone_config
+        return self
+
+
+__all__ = ["PalConfig"]

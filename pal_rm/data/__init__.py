@@ -1,0 +1,23 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""Personalized preference datasets. Every loader returns a `datasets.DatasetDict` with the splits `train`,
+`validation`, `test` (seen users), `unseen_train` (few-shot comparisons of new users) and `unseen_test` (held-out
+comparisons of the same new users)."""
+
+from ._common import SPLIT_NAMES
+from .demo import DEMO_GROUP_PREFERENCES, DEMO_PROPERTIES, load_demo_preferences
+from .persona import DEFAULT_PERSONAS, load_persona_preferences
+from .summary import SUMMARY_GROUPS, load_summary_preferences
+from .synthetic import bayes_optimal_accuracy, load_synthetic_preferences
+
+__all__ = [
+    "DEFAULT_PERSONAS",
+    "DEMO_GROUP_PREFERENCES",
+    "DEMO_PROPERTIES",
+    "SPLIT_NAMES",
+    "SUMMARY_GROUPS",
+    "bayes_optimal_accuracy",
+    "load_demo_preferences",
+    "load_persona_preferences",
+    "load_summary_preferences",
+    "load_synthetic_preferences",
+]

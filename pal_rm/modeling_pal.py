@@ -1,0 +1,690 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""PAL: personalized reward models with shared prototypes (Chen, Chen, Rege, Wang, Vinayak, ICLR 2025).
+
+This file is copied next to the weights by `save_pretrained`, so that a checkpoint loads with
+`AutoModel.from_pretrained(path, trust_remote_code=True)` where pal_rm is not installed. It therefore only uses relative
+imports and the stable public transformers API.
+"""
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_pal import PalConfig
+
+
+logger = logging.get_logger(__name__)
+
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
+
+PAL_B_NEEDS_PROMPT = (
+    "This is a PAL-B model: its ideal points depend on the prompt, so it needs the prompt apart from the response. "
+    "Single-sequence entry points (`pipeline('text-classification')`, `forward(input_ids=...)` without prompt inputs, "
+    "TRL's model-as-reward path, PPO's `score`) cannot provide it. Use the prompt-aware API instead: "
+    "`model.score_texts(tokenizer, prompts, responses, users=...)`, `forward(..., prompt_input_ids=..., "
+    "prompt_attention_mask=...)` or `pal_rm.PalRewardFunction` for TRL's online trainers."
+)
+
+
+@dataclass
+class PalRewardModelOutput(ModelOutput):
+    """
+    Output of [`PalRewardModel`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Not computed by the model itself (the trainer computes the preference loss); kept first by convention.
+        logits (`torch.FloatTensor` of shape `(batch_size, 1)`):
+            The reward of each sequence for its user (or mixture), following the transformers/TRL reward convention.
+        prototype_rewards (`torch.FloatTensor` of shape `(batch_size, num_prototypes)`):
+            The reward of each sequence for each prototype alone (mixture `e_k`): a multi-objective reward.
+        mixture_weights (`torch.FloatTensor` of shape `(batch_size, num_prototypes)`):
+            The mixture weights used for each row (a point of the simplex).
+        item_embeddings (`torch.FloatTensor` of shape `(batch_size, preference_dim)`):
+            `f(phi(x))`, the response mapped into the preference space.
+        ideal_points (`torch.FloatTensor` of shape `(batch_size, preference_dim)`):
+            The user's ideal point for each row.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    prototype_rewards: torch.FloatTensor | None = None
+    mixture_weights: torch.FloatTensor | None = None
+    item_embeddings: torch.FloatTensor | None = None
+    ideal_points: torch.FloatTensor | None = None
+
+
+class PalMLP(nn.Module):
+    """`in_features -> hidden_dims... -> out_features`, dropout before every linear layer, activation in between."""
+
+    def __init__(self, in_features: int, hidden_dims: Sequence[int], out_features: int, activation: str, dropout: float):
+        super().__init__()
+        widths = [in_features, *hidden_dims, out_features]
+        layers = []
+        for index, (width_in, width_out) in enumerate(zip(widths[:-1], widths[1:])):
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            layers.append(nn.Linear(width_in, width_out))
+            if index < len(widths) - 2:
+                layers.append(_ACTIVATIONS[activation]())
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.layers(hidden)
+
+
+class PalPrototypeMaps(nn.Module):
+    """PAL-B's K prototype maps `g_k: R^H -> R^d`, applied to the prompt feature: `(B, H) -> (B, K, d)`."""
+
+    def __init__(self, config: PalConfig):
+        super().__init__()
+        self.maps = nn.ModuleList(
+            PalMLP(
+                config.hidden_size,
+                config.head_hidden_dims,
+                config.preference_dim,
+                config.head_activation,
+                config.head_dropout,
+            )
+            for _ in range(config.num_prototypes)
+        )
+
+    def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([prototype_map(prompt_features) for prototype_map in self.maps], dim=1)
+
+
+def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
+    """Pools `(B, L, H)` token states to `(B, H)`. `last` finds the last non-pad token for left and right padding."""
+    if attention_mask is None:
+        attention_mask = torch.ones(hidden_states.shape[:2], dtype=torch.long, device=hidden_states.device)
+    mask = attention_mask.to(hidden_states.device)
+    if pooling == "mean":
+        weights = mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask > 0)).argmax(dim=1)
+    return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
+
+
+class PalPreTrainedModel(PreTrainedModel):
+    config_class = PalConfig
+    base_model_prefix = "backbone"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, PalRewardModel):
+            if module.prototypes is not None:
+                nn.init.normal_(module.prototypes, mean=0.0, std=1.0 / math.sqrt(self.config.preference_dim))
+            if module.logit_scale is not None:
+                module.logit_scale.fill_(math.log(self.config.logit_scale_init))
+            module.population_mixture.fill_(1.0 / self.config.num_prototypes)
+
+
+class PalRewardModel(PalPreTrainedModel):
+    """
+    A personalized reward model: `r_i(x) = sim(f(phi(x)), a_i)` where `phi` is the backbone, `f` the item map and
+    `a_i = sum_k w_ik p_k` user i's ideal point (PAL-A), or `a_i(x_c) = sum_k w_ik g_k(phi(x_c))` (PAL-B).
+
+    Users are rows of `user_weights` (an `nn.Embedding(num_users, num_prototypes)` of mixture logits), named by the
+    string ids in `config.user_ids`. With no user given, rows are scored for the population mixture (the mean mixture
+    of the seen users, refreshed by the trainer) or for the `mixture_weights` the caller passes.
+    """
+
+    def __init__(self, config: PalConfig):
+        super().__init__(config)
+        self.backbone = AutoModel.from_config(config.backbone_config) if config.backbone_config is not None else None
+        self.item_head = PalMLP(
+            config.hidden_size,
+            config.head_hidden_dims,
+            config.preference_dim,
+            config.head_activation,
+            config.head_dropout,
+        )
+        if config.variant == "a":
+            self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, config.preference_dim))
+            self.prototype_maps = None
+        else:
+            self.prototypes = None
+            self.prototype_maps = PalPrototypeMaps(config)
+        self.user_weights = nn.Embedding(config.num_users, config.num_prototypes)
+        if config.similarity == "cosine":
+            self.logit_scale = nn.Parameter(torch.empty(()))
+        else:
+            self.logit_scale = None
+        self.register_buffer("population_mixture", torch.empty(config.num_prototypes), persistent=True)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(cls, backbone_name_or_path: str, backbone_kwargs: dict | None = None, **config_kwargs):
+        """
+        Builds a PAL model around pretrained backbone weights (a Hub id or a local folder loaded with
+        `AutoModel.from_pretrained`); `config_kwargs` are [`PalConfig`] fields (`variant`, `num_prototypes`, ...).
+
+        Example:
+
+        ```python
+        >>> model = PalRewardModel.from_backbone("sentence-transformers/all-MiniLM-L6-v2", variant="b", num_prototypes=4)
+        ```
+        """
+        backbone = AutoModel.from_pretrained(backbone_name_or_path, **(backbone_kwargs or {}))
+        config = PalConfig(backbone_config=backbone.config, **config_kwargs)
+        model = cls(config)
+        model.backbone = backbone
+        model.config.backbone_config = backbone.config
+        return model
+
+    # ------------------------------------------------------------------ saving and loading
+    AUTO_MAP = {
+        "AutoConfig": "configuration_pal.PalConfig",
+        "AutoModel": "modeling_pal.PalRewardModel",
+        "AutoModelForSequenceClassification": "modeling_pal.PalRewardModel",
+    }
+    CODE_FILES = ("configuration_pal.py", "modeling_pal.py")
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        `PreTrainedModel.save_pretrained`, plus the two code files and an `auto_map` for `AutoConfig`, `AutoModel` and
+        `AutoModelForSequenceClassification`, so the folder loads with `trust_remote_code=True` where pal_rm is not
+        installed. Everything is written to a temporary folder first and then moved in file by file, so a save that
+        fails leaves the previous checkpoint in `save_directory` intact.
+        """
+        self.config.auto_map = dict(self.AUTO_MAP)
+        source = os.path.dirname(os.path.abspath(__file__))
+        if kwargs.get("push_to_hub", False) or not kwargs.get("is_main_process", True):
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+            if kwargs.get("is_main_process", True):
+                for name in self.CODE_FILES:
+                    shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
+            return result
+        if os.path.isfile(save_directory):
+            raise ValueError(f"`save_directory` ({save_directory}) should be a directory, not a file.")
+        os.makedirs(save_directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".pal-save-", dir=save_directory)
+        try:
+            super().save_pretrained(staging, *args, **kwargs)
+            for name in self.CODE_FILES:
+                shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`, with clear errors for a checkpoint that is not a PAL model (use
+        [`PalRewardModel.from_backbone`] to wrap a backbone) and for corrupt or truncated weights.
+        """
+        config = kwargs.get("config")
+        if config is None and os.path.isdir(str(pretrained_model_name_or_path)):
+            import json
+
+            config_file = os.path.join(pretrained_model_name_or_path, "config.json")
+            if os.path.isfile(config_file):
+                with open(config_file) as file:
+                    model_type = json.load(file).get("model_type")
+                if model_type != PalConfig.model_type:
+                    raise ValueError(
+                        f"{pretrained_model_name_or_path} holds a {model_type!r} checkpoint, not a PAL reward model "
+                        f"(model_type {PalConfig.model_type!r}). To build a PAL model on top of it, use "
+                        f"`PalRewardModel.from_backbone({str(pretrained_model_name_or_path)!r}, ...)`."
+                    )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            text = f"{type(error).__name__}: {error}"
+            if any(
+                word in text.lower()
+                for word in ("safetensor", "deserializ", "header", "incomplete", "truncat", "invalid load key")
+            ):
+                raise OSError(
+                    f"Could not read the weights of the PAL checkpoint at {pretrained_model_name_or_path}: the weights "
+                    f"file is corrupt or truncated ({text}). Save the model again or re-download the checkpoint."
+                ) from error
+            raise
+
+    # ------------------------------------------------------------------ users
+    @property
+    def num_users(self) -> int:
+        return self.user_weights.num_embeddings
+
+    def population_logits(self) -> torch.Tensor:
+        """Logits whose softmax (at the model's temperature) is the population mixture."""
+        return torch.log(self.population_mixture.clamp(min=1e-12)) * self.config.mixture_temperature
+
+    def add_users(self, user_ids: Sequence[str]) -> list[int]:
+        """
+        Registers new users and returns their rows. Each new user starts at the population mixture. Users already
+        registered keep their row and weights (their ids may be repeated in `user_ids`). Register users before an
+        optimizer is built over the model's parameters: the user table is replaced by a larger one.
+        """
+        if isinstance(user_ids, str):
+            user_ids = [user_ids]
+        registry = {user: row for row, user in enumerate(self.config.user_ids)}
+        new_users = []
+        for user in user_ids:
+            if not isinstance(user, str) or not user:
+                raise ValueError(f"User ids must be non-empty strings, got {user!r}.")
+            if user not in registry and user not in new_users:
+                new_users.append(user)
+        if new_users:
+            old = self.user_weights
+            table = nn.Embedding(old.num_embeddings + len(new_users), self.config.num_prototypes)
+            table.to(device=old.weight.device, dtype=old.weight.dtype)
+            with torch.no_grad():
+                table.weight[: old.num_embeddings] = old.weight
+                table.weight[old.num_embeddings :] = self.population_logits().to(table.weight.dtype)
+            table.weight.requires_grad_(old.weight.requires_grad)
+            self.user_weights = table
+            self.config.user_ids = list(self.config.user_ids) + new_users
+        registry = {user: row for row, user in enumerate(self.config.user_ids)}
+        return [registry[user] for user in user_ids]
+
+    def user_rows(self, user_ids: Sequence[str | None], unknown_users: str = "error") -> torch.LongTensor:
+        """
+        Maps string user ids to rows of the user table. `None` means the population (row `-1`). An id that is not
+        registered raises, unless `unknown_users="population"`, which scores it for the population mixture.
+        """
+        if unknown_users not in ("error", "population"):
+            raise ValueError(f"`unknown_users` must be 'error' or 'population', got {unknown_users!r}.")
+        registry = {user: row for row, user in enumerate(self.config.user_ids)}
+        rows = []
+        for index, user in enumerate(user_ids):
+            if user is None:
+                rows.append(-1)
+            elif user in registry:
+                rows.append(registry[user])
+            elif unknown_users == "population":
+                rows.append(-1)
+            else:
+                known = ", ".join(repr(u) for u in self.config.user_ids[:5])
+                more = "" if self.num_users <= 5 else f", ... ({self.num_users} users)"
+                raise KeyError(
+                    f"Unknown user {user!r} (row {index}). Registered users: [{known}{more}]. Fit a new user with "
+                    "`PalRewardTrainer.adapt_users(...)`, register it with `model.add_users(...)`, or pass "
+                    "`unknown_users='population'` to score unknown users with the population mixture."
+                )
+        return torch.tensor(rows, dtype=torch.long, device=self.user_weights.weight.device)
+
+    @torch.no_grad()
+    def refresh_population_mixture(self, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Sets the population mixture to the mean mixture of the given rows (all registered users by default)."""
+        if self.num_users == 0:
+            return self.population_mixture
+        weights = self.user_mixture_weights()
+        if rows is not None:
+            weights = weights[torch.as_tensor(list(rows), dtype=torch.long, device=weights.device)]
+        self.population_mixture.copy_(weights.mean(0))
+        return self.population_mixture
+
+    def user_mixture_weights(self) -> torch.Tensor:
+        """Mixture weights `(num_users, num_prototypes)` of every registered user."""
+        return torch.softmax(self.user_weights.weight / self.config.mixture_temperature, dim=-1)
+
+    # ------------------------------------------------------------------ forward
+    def _check_features(self, features: torch.Tensor, name: str) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"`{name}` must have shape (batch_size, {self.config.hidden_size}) (the backbone's pooled width), got "
+                f"{tuple(features.shape)}. Features must come from the same backbone and pooling as the model."
+            )
+        return features.to(self.item_head.layers[-1].weight.dtype)
+
+    def encode(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Runs the backbone and pools its last hidden states: `phi(x)`, of shape `(batch_size, hidden_size)`."""
+        if self.backbone is None:
+            raise ValueError(
+                "This PAL model has no backbone (`backbone_config=None`): pass pooled `item_features` / "
+                "`prompt_features` instead of token ids."
+            )
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden_states = self.backbone(**kwargs).last_hidden_state
+        return pool_hidden_states(hidden_states, attention_mask, self.config.pooling)
+
+    def _features(self, features, input_ids, attention_mask, token_type_ids, name: str) -> torch.Tensor | None:
+        if features is not None:
+            return self._check_features(features, f"{name}_features")
+        if input_ids is None:
+            return None
+        return self._check_features(self.encode(input_ids, attention_mask, token_type_ids), f"{name}_features")
+
+    def resolve_mixture_weights(self, user_ids=None, mixture_weights=None, batch_size: int = 1) -> torch.Tensor:
+        """
+        Mixture weights `(batch_size, num_prototypes)` for user rows (a `LongTensor`; `-1` is the population), string
+        user ids, an explicit mixture (`(K,)` or `(batch_size, K)` on the simplex), or the population mixture.
+        """
+        device = self.population_mixture.device
+        num_prototypes = self.config.num_prototypes
+        if user_ids is not None and mixture_weights is not None:
+            raise ValueError("Pass either `user_ids` or `mixture_weights`, not both.")
+        if mixture_weights is not None:
+            weights = torch.as_tensor(mixture_weights, dtype=torch.float32, device=device)
+            if weights.dim() == 1:
+                weights = weights.unsqueeze(0)
+            if weights.dim() != 2 or weights.shape[-1] != num_prototypes:
+                raise ValueError(
+                    f"`mixture_weights` must have shape ({num_prototypes},) or (batch_size, {num_prototypes}), got "
+                    f"{tuple(weights.shape)}."
+                )
+            if (weights < -1e-6).any() or not torch.allclose(weights.sum(-1), torch.ones(1, device=device), atol=1e-4):
+                raise ValueError(
+                    "`mixture_weights` must lie on the simplex (non-negative, each row summing to 1), got "
+                    f"{weights.tolist()}."
+                )
+            return self._tile(weights, batch_size, "mixture_weights")
+        if user_ids is None:
+            return self.population_mixture.unsqueeze(0).expand(batch_size, -1)
+        if isinstance(user_ids, str):
+            user_ids = [user_ids]
+        if not isinstance(user_ids, torch.Tensor):
+            user_ids = self.user_rows(list(user_ids))
+        rows = self._tile(user_ids.to(device).long().view(-1), batch_size, "user_ids")
+        if (rows >= self.num_users).any():
+            raise IndexError(f"User row {int(rows.max())} is out of range: the model has {self.num_users} users.")
+        known = rows >= 0
+        weights = self.population_mixture.unsqueeze(0).expand(batch_size, -1)
+        if known.any():
+            logits = self.user_weights(rows.clamp(min=0))
+            user_mixtures = torch.softmax(logits / self.config.mixture_temperature, dim=-1)
+            weights = torch.where(known.unsqueeze(-1), user_mixtures, weights.to(user_mixtures.dtype))
+        return weights
+
+    @staticmethod
+    def _tile(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+        if tensor.shape[0] == batch_size:
+            return tensor
+        if tensor.shape[0] > 0 and batch_size % tensor.shape[0] == 0:
+            return tensor.repeat(batch_size // tensor.shape[0], *([1] * (tensor.dim() - 1)))
+        raise ValueError(
+            f"`{name}` has {tensor.shape[0]} rows for a batch of {batch_size} sequences; it must have one row per "
+            "sequence (or per pair, tiled over the chosen/rejected halves)."
+        )
+
+    def similarity(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
+        """The reward of items for ideal points, broadcasting over leading dimensions: `(..., d), (..., d) -> (...)`."""
+        kind = self.config.similarity
+        if kind == "neg_sq_l2":
+            return -(item_embeddings - ideal_points).pow(2).sum(-1)
+        if kind == "neg_l2":
+            return -((item_embeddings - ideal_points).pow(2).sum(-1) + 1e-12).sqrt()
+        if kind == "dot":
+            return (item_embeddings * ideal_points).sum(-1)
+        scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
+        return scale * nn.functional.cosine_similarity(item_embeddings, ideal_points, dim=-1, eps=1e-8)
+
+    def prototype_points(self, prompt_features: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The K prototype points of each row, `(batch_size, K, d)`: fixed points (PAL-A) or maps of the prompt (PAL-B)."""
+        if self.config.variant == "a":
+            return self.prototypes.unsqueeze(0).expand(batch_size, -1, -1)
+        if prompt_features is None:
+            raise ValueError(PAL_B_NEEDS_PROMPT)
+        return self._tile(self.prototype_maps(prompt_features), batch_size, "prompt_features")
+
+    def rewards_from_features(
+        self,
+        item_features: torch.Tensor,
+        prompt_features: torch.Tensor | None = None,
+        mixture_weights: torch.Tensor | None = None,
+    ) -> PalRewardModelOutput:
+        """Rewards from pooled features and per-row mixture weights `(batch_size, K)` (no backbone call)."""
+        item_embeddings = self.item_head(item_features)
+        batch_size = item_embeddings.shape[0]
+        points = self.prototype_points(prompt_features, batch_size)
+        weights = mixture_weights.to(points.dtype)
+        ideal_points = torch.einsum("bk,bkd->bd", weights, points)
+        rewards = self.similarity(item_embeddings, ideal_points)
+        prototype_rewards = self.similarity(item_embeddings.unsqueeze(1), points)
+        return PalRewardModelOutput(
+            logits=rewards.unsqueeze(-1),
+            prototype_rewards=prototype_rewards,
+            mixture_weights=weights,
+            item_embeddings=item_embeddings,
+            ideal_points=ideal_points,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        user_ids: torch.LongTensor | Sequence[str] | None = None,
+        mixture_weights: torch.Tensor | None = None,
+        prompt_input_ids: torch.LongTensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        prompt_token_type_ids: torch.LongTensor | None = None,
+        item_features: torch.Tensor | None = None,
+        prompt_features: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PalRewardModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+                Prompt + response tokens of the sequences to score.
+            user_ids (`torch.LongTensor` of shape `(batch_size,)` or `(num_pairs,)`, or a list of `str`, *optional*):
+                Rows of the user table (`-1`: the population mixture) or registered string ids. A tensor with fewer
+                rows than the batch is tiled (TRL's chosen-then-rejected layout). `None`: the population mixture.
+            mixture_weights (`torch.Tensor` of shape `(num_prototypes,)` or `(batch_size, num_prototypes)`, *optional*):
+                An explicit point of the simplex to score for, instead of users.
+            prompt_input_ids (`torch.LongTensor` of shape `(batch_size or num_pairs, prompt_length)`, *optional*):
+                The prompts alone; required by PAL-B. Tiled like `user_ids` when there are fewer prompts than sequences.
+            item_features (`torch.FloatTensor` of shape `(batch_size, hidden_size)`, *optional*):
+                Pooled backbone features of the sequences, instead of `input_ids` (cached embeddings).
+            prompt_features (`torch.FloatTensor` of shape `(batch_size or num_pairs, hidden_size)`, *optional*):
+                Pooled backbone features of the prompts, instead of `prompt_input_ids`.
+        """
+        kwargs.pop("use_cache", None)
+        kwargs.pop("labels", None)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        items = self._features(item_features, input_ids, attention_mask, token_type_ids, "item")
+        if items is None:
+            raise ValueError("Pass the sequences to score as `input_ids` (with `attention_mask`) or `item_features`.")
+        prompts = self._features(
+            prompt_features, prompt_input_ids, prompt_attention_mask, prompt_token_type_ids, "prompt"
+        )
+        if self.config.variant == "b" and prompts is None:
+            raise ValueError(PAL_B_NEEDS_PROMPT)
+        weights = self.resolve_mixture_weights(user_ids, mixture_weights, items.shape[0])
+        output = self.rewards_from_features(items, prompts, weights)
+        return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------ text API
+    def _check_tokenizer(self, tokenizer) -> None:
+        vocab_size = getattr(self.config.get_text_config(), "vocab_size", None)
+        if self.backbone is not None and vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) does not match the backbone "
+                f"({self.config.backbone_config.model_type}, vocabulary of {vocab_size}). Use the tokenizer saved with "
+                "the model (`AutoTokenizer.from_pretrained(model_path)`)."
+            )
+
+    @torch.no_grad()
+    def encode_texts(
+        self,
+        tokenizer,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        max_length: int | None = None,
+        show_progress: bool = False,
+    ) -> torch.Tensor:
+        """
+        Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU. Texts are batched by
+        length and truncated from the left (so the end of a response survives a long prompt).
+        """
+        self._check_tokenizer(tokenizer)
+        if self.backbone is None:
+            raise ValueError("This PAL model has no backbone: it scores pooled features, not texts.")
+        texts = list(texts)
+        max_length = max_length or _default_max_length(tokenizer, self.config)
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        features = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
+        device = self.item_head.layers[-1].weight.device
+        was_training = self.training
+        self.eval()
+        truncation_side = tokenizer.truncation_side
+        tokenizer.truncation_side = "left"
+        batches = range(0, len(order), batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Encoding texts", unit="batch")
+        try:
+            for start in batches:
+                index = order[start : start + batch_size]
+                encoded = tokenizer(
+                    [texts[i] for i in index],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
+                )
+                encoded = {key: value.to(device) for key, value in encoded.items() if key != "offset_mapping"}
+                pooled = self.encode(
+                    encoded["input_ids"], encoded.get("attention_mask"), encoded.get("token_type_ids")
+                )
+                features[torch.tensor(index)] = pooled.float().cpu()
+        finally:
+            tokenizer.truncation_side = truncation_side
+            self.train(was_training)
+        return features
+
+    @torch.no_grad()
+    def score_texts(
+        self,
+        tokenizer,
+        prompts: Sequence,
+        responses: Sequence,
+        users: Sequence[str | None] | str | None = None,
+        mixture_weights: torch.Tensor | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        unknown_users: str = "error",
+        return_prototype_rewards: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        Rewards `(N,)` of `responses[i]` to `prompts[i]` for `users[i]` (a registered id; `None`: the population), for
+        one user for every row (`users="alice"`), for an explicit mixture, or for the population mixture.
+        Prompts and responses are plain strings or conversations (lists of `{"role", "content"}` messages).
+
+        Example:
+
+        ```python
+        >>> rewards = model.score_texts(tokenizer, ["Write a haiku."] * 2, ["Short.", "A long answer..."], users="alice")
+        ```
+        """
+        prompts, responses = list(prompts), list(responses)
+        if len(prompts) != len(responses):
+            raise ValueError(f"Got {len(prompts)} prompts and {len(responses)} responses; they must pair up.")
+        pairs = [format_preference_texts(tokenizer, p, r, row=i) for i, (p, r) in enumerate(zip(prompts, responses))]
+        if isinstance(users, str):
+            users = [users] * len(pairs)
+        if users is not None:
+            users = list(users)
+            if len(users) != len(pairs):
+                raise ValueError(f"Got {len(users)} users for {len(pairs)} responses; pass one user per response.")
+            user_rows = self.user_rows(users, unknown_users=unknown_users)
+        else:
+            user_rows = None
+        unique_texts = list(dict.fromkeys([text for pair in pairs for text in pair]))
+        index = {text: i for i, text in enumerate(unique_texts)}
+        features = self.encode_texts(tokenizer, unique_texts, batch_size=batch_size, max_length=max_length)
+        device = self.item_head.layers[-1].weight.device
+        item_features = features[[index[item] for _, item in pairs]].to(device)
+        prompt_features = features[[index[prompt] for prompt, _ in pairs]].to(device)
+        output = self(
+            item_features=item_features,
+            prompt_features=prompt_features if self.config.variant == "b" else None,
+            user_ids=user_rows,
+            mixture_weights=mixture_weights,
+        )
+        rewards = output.logits.squeeze(-1).float().cpu()
+        if return_prototype_rewards:
+            return rewards, output.prototype_rewards.float().cpu()
+        return rewards
+
+
+def _default_max_length(tokenizer, config) -> int:
+    limits = [512]
+    model_max_length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(model_max_length, int) and 0 < model_max_length < 1_000_000:
+        limits.append(model_max_length)
+    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append(positions)
+    return min(limits)
+
+
+def render_messages(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """A conversation as text: the tokenizer's chat template if it has one, else `role: content` lines."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return "".join(f"{message['role']}: {message['content']}\n" for message in messages)
+
+
+def _is_conversation(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def format_preference_texts(tokenizer, prompt, response, row=None) -> tuple[str, str]:
+    """
+    `(prompt_text, item_text)` for one response: the item is the prompt followed by the response, as the backbone
+    reads it (TRL's convention; the EOS token is appended to plain text when the tokenizer has one). Conversations are
+    rendered with the tokenizer's chat template. Raises `ValueError` naming the row on empty or ill-typed texts.
+    """
+    where = f" (row {row})" if row is not None else ""
+    if prompt is None:
+        prompt = ""
+    if _is_conversation(response) or (_is_conversation(prompt) and prompt):
+        if isinstance(prompt, str) or isinstance(response, str):
+            raise ValueError(
+                f"Prompt and response must both be conversations or both be strings{where}, got "
+                f"{type(prompt).__name__} and {type(response).__name__}."
+            )
+        if not response or not any(str(m["content"]).strip() for m in response):
+            raise ValueError(f"Empty response{where}: every response needs some text.")
+        prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True) if prompt else ""
+        return prompt_text, render_messages(tokenizer, prompt + response)
+    if not isinstance(prompt, str) or not isinstance(response, str):
+        raise ValueError(
+            f"Prompt and response must be strings or lists of messages{where}, got {type(prompt).__name__} and "
+            f"{type(response).__name__}."
+        )
+    if not response.strip():
+        raise ValueError(f"Empty response{where}: every response needs some text.")
+    item = prompt + response
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos and not item.endswith(eos):
+        item = item + eos
+    return prompt, item
+
+
+__all__ = ["PalPreTrainedModel", "PalRewardModel", "PalRewardModelOutput"]

@@ -1,0 +1,8 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""Training for PAL reward models, installed as `pal_rm.trainers`."""
+
+from .pal_reward_config import PalRewardConfig
+from .pal_reward_trainer import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardTrainer
+
+
+__all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardConfig", "PalRewardTrainer"]

@@ -1,0 +1,100 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+from dataclasses import dataclass, field
+
+from trl import RewardConfig
+
+
+@dataclass
+class PalRewardConfig(RewardConfig):
+    r"""
+    Configuration for [`PalRewardTrainer`]: TRL's [`~trl.RewardConfig`] plus the fields PAL needs. Only the new fields
+    are listed here; every other field is TRL's / transformers'.
+
+    Parameters:
+        user_column (`str`, *optional*, defaults to `"user_id"`):
+            Column of the preference dataset that names the user of each comparison.
+        train_backbone (`bool`, *optional*, defaults to `False`):
+            Train the backbone too. When `False` (the paper's setting) the backbone is frozen, every unique text is
+            encoded once and the heads are trained on cached features.
+        embedding_cache_dir (`str`, *optional*):
+            Folder where the frozen-backbone features are kept between runs. `None`: in memory only.
+        encode_batch_size (`int`, *optional*, defaults to `64`):
+            Batch size of the backbone when texts are encoded for the cache.
+        backbone_learning_rate, head_learning_rate, prototype_learning_rate, user_learning_rate,
+        logit_scale_learning_rate (`float`, *optional*):
+            Learning rates of the parameter groups: the backbone, the item map `f` and PAL-B's prototype maps, PAL-A's
+            prototype points, the user mixture logits and the cosine logit scale. `None`: `learning_rate`.
+        loss_type (`str`, *optional*, defaults to `"sigmoid"`):
+            `"sigmoid"`: the Bradley-Terry negative log-likelihood on reward differences; `"hinge"`: the hinge variant.
+        norm_bound (`float`, *optional*):
+            Radius B of the ball the ideal points are pushed into, with penalty `norm_bound_coefficient * max(0,
+            ||a|| - B)`. `None`: no penalty.
+        unknown_users (`str`, *optional*, defaults to `"error"`):
+            What evaluation does with users that are not registered: `"error"`, or `"population"` to score them with
+            the population mixture.
+        adapt_steps, adapt_learning_rate, adapt_prior_strength:
+            Defaults of [`PalRewardTrainer.adapt_users`]: full-batch Adam steps, learning rate, and the strength of the
+            Gaussian prior that keeps a new user's logits near the population mixture.
+
+    > [!NOTE]
+    > Defaults that differ from [`~trl.RewardConfig`]: `gradient_checkpointing=False` and `bf16=False` (the default
+    > frozen backbone trains small heads on cached features, where neither helps), `max_length=None` (sequences are
+    > truncated from the left to the backbone's limit instead of being dropped), `learning_rate=1e-3`,
+    > `num_train_epochs=20`, `per_device_train_batch_size=64` and `report_to="none"`.
+    """
+
+    user_column: str = field(default="user_id", metadata={"help": "Column that names the user of each comparison."})
+    train_backbone: bool = field(
+        default=False,
+        metadata={"help": "Train the backbone too. False: freeze it and train the heads on cached features."},
+    )
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder that keeps frozen-backbone features between runs."}
+    )
+    encode_batch_size: int = field(default=64, metadata={"help": "Backbone batch size when encoding texts."})
+    backbone_learning_rate: float | None = field(
+        default=1e-5, metadata={"help": "Learning rate of the backbone (when `train_backbone`)."}
+    )
+    head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the item map and PAL-B prototype maps (None: learning_rate)."}
+    )
+    prototype_learning_rate: float | None = field(
+        default=5e-3, metadata={"help": "Learning rate of PAL-A's prototype points."}
+    )
+    user_learning_rate: float | None = field(default=5e-3, metadata={"help": "Learning rate of the user logits."})
+    logit_scale_learning_rate: float | None = field(
+        default=1e-2, metadata={"help": "Learning rate of the cosine similarity's logit scale."}
+    )
+    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (Bradley-Terry NLL) or 'hinge'."})
+    norm_bound: float | None = field(default=None, metadata={"help": "Radius of the ball for the ideal points."})
+    norm_bound_coefficient: float = field(default=1.0, metadata={"help": "Weight of the norm-bound penalty."})
+    unknown_users: str = field(
+        default="error", metadata={"help": "Evaluation on unregistered users: 'error' or 'population'."}
+    )
+    adapt_steps: int = field(default=300, metadata={"help": "Full-batch steps of `adapt_users`."})
+    adapt_learning_rate: float = field(default=0.1, metadata={"help": "Learning rate of `adapt_users`."})
+    adapt_prior_strength: float = field(
+        default=0.01, metadata={"help": "Gaussian prior pulling new users' logits to the population mixture."}
+    )
+
+    # Defaults that differ from RewardConfig
+    learning_rate: float = field(default=1e-3, metadata={"help": "Default learning rate of every group."})
+    num_train_epochs: float = field(default=20.0, metadata={"help": "Total number of training epochs."})
+    per_device_train_batch_size: int = field(default=64, metadata={"help": "Pairs per device per step."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Pairs per device per eval step."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Gradient checkpointing of the backbone."})
+    bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Truncation length (from the left). None: the backbone's limit, at most 512."}
+    )
+    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in ("sigmoid", "hinge"):
+            raise ValueError(f"`loss_type` must be 'sigmoid' or 'hinge', got {self.loss_type!r}.")
+        if self.unknown_users not in ("error", "population"):
+            raise ValueError(f"`unknown_users` must be 'error' or 'population', got {self.unknown_users!r}.")
+        if self.norm_bound is not None and self.norm_bound <= 0:
+            raise ValueError(f"`norm_bound` must be positive, got {self.norm_bound!r}.")

@@ -1,0 +1,578 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""`PalRewardTrainer`: TRL's `RewardTrainer` for personalized PAL reward models."""
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate.logging import get_logger
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.data.data_collator import DataCollatorMixin
+from trl import RewardTrainer
+from trl.data_utils import extract_prompt
+from trl.trainer.utils import pad
+
+from pal_rm.cache import EmbeddingCache
+from pal_rm.losses import norm_bound_penalty, preference_loss
+from pal_rm.modeling_pal import PalRewardModel, format_preference_texts
+
+from .pal_reward_config import PalRewardConfig
+
+
+logger = get_logger(__name__)
+
+PROCESSED_FEATURE_COLUMNS = ("chosen_index", "rejected_index", "prompt_index", "user_index")
+PROCESSED_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids", "prompt_ids", "user_index")
+
+
+class FeatureTable:
+    """A growing table of pooled features; rows are addressed by the indices stored in the processed datasets."""
+
+    def __init__(self):
+        self._chunks: list[torch.Tensor] = []
+        self._rows: dict[str, int] = {}
+        self._size = 0
+        self._table: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, features: torch.Tensor, keys: Sequence[str] | None = None) -> list[int]:
+        """Appends rows (deduplicated by `keys` when given) and returns their indices."""
+        if keys is None:
+            start = self._size
+            self._chunks.append(features.float().cpu())
+            self._size += features.shape[0]
+            self._table = None
+            return list(range(start, self._size))
+        new = [i for i, key in enumerate(keys) if key not in self._rows]
+        if new:
+            for offset, i in enumerate(new):
+                self._rows[keys[i]] = self._size + offset
+            self._chunks.append(features[new].float().cpu())
+            self._size += len(new)
+            self._table = None
+        return [self._rows[key] for key in keys]
+
+    def missing(self, keys: Sequence[str]) -> list[str]:
+        return [key for key in dict.fromkeys(keys) if key not in self._rows]
+
+    @property
+    def table(self) -> torch.Tensor:
+        if self._table is None:
+            self._table = torch.cat(self._chunks) if self._chunks else torch.empty(0)
+            self._chunks = [self._table]
+        return self._table
+
+
+@dataclass
+class DataCollatorForPersonalizedPreference(DataCollatorMixin):
+    """
+    Collates processed personalized preference examples into one batch of `2 * num_pairs` sequences (chosen first,
+    then rejected, as TRL's `DataCollatorForPreference`), with the user of each pair repeated for both halves.
+
+    Examples hold either cached-feature indices (`chosen_index`, `rejected_index`, `prompt_index` into `features`) or
+    token ids (`chosen_ids`, `rejected_ids`, `prompt_ids`), plus `user_index` (a row of the user table, `-1` for the
+    population) and optionally `margin`. Prompts stay one per pair; the model tiles them over the two halves.
+
+    Example:
+
+    ```python
+    >>> collator = DataCollatorForPersonalizedPreference(pad_token_id=0)
+    >>> collator([
+    ...     {"chosen_ids": [1, 2, 3], "rejected_ids": [4, 5], "prompt_ids": [1], "user_index": 0},
+    ...     {"chosen_ids": [6, 7], "rejected_ids": [8], "prompt_ids": [6], "user_index": 1},
+    ... ])
+    {'input_ids': tensor([[1, 2, 3], [6, 7, 0], [4, 5, 0], [8, 0, 0]]),
+     'attention_mask': tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]]),
+     'user_ids': tensor([0, 1, 0, 1]),
+     'prompt_input_ids': tensor([[1], [6]]),
+     'prompt_attention_mask': tensor([[1], [1]])}
+    ```
+    """
+
+    pad_token_id: int = 0
+    features: FeatureTable | None = None
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        first = examples[0]
+        output = {}
+        if "chosen_index" in first:
+            if self.features is None:
+                raise ValueError("Examples hold cached-feature indices but the collator has no `features` table.")
+            table = self.features.table
+            rows = [example["chosen_index"] for example in examples] + [example["rejected_index"] for example in examples]
+            output["item_features"] = table[torch.tensor(rows)]
+        else:
+            sequences = [torch.tensor(example["chosen_ids"]) for example in examples]
+            sequences += [torch.tensor(example["rejected_ids"]) for example in examples]
+            output["input_ids"] = pad(
+                sequences, padding_value=self.pad_token_id, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+            )
+            output["attention_mask"] = pad(
+                [torch.ones_like(ids) for ids in sequences],
+                padding_value=0,
+                padding_side="right",
+                pad_to_multiple_of=self.pad_to_multiple_of,
+            )
+        users = torch.tensor([example["user_index"] for example in examples], dtype=torch.long)
+        output["user_ids"] = torch.cat([users, users])
+        if first.get("prompt_index", -1) is not None and first.get("prompt_index", -1) >= 0:
+            output["prompt_features"] = self.features.table[torch.tensor([e["prompt_index"] for e in examples])]
+        elif first.get("prompt_ids"):
+            prompts = [torch.tensor(example["prompt_ids"]) for example in examples]
+            output["prompt_input_ids"] = pad(prompts, padding_value=self.pad_token_id, padding_side="right")
+            output["prompt_attention_mask"] = pad(
+                [torch.ones_like(ids) for ids in prompts], padding_value=0, padding_side="right"
+            )
+        if "margin" in first:
+            output["margin"] = torch.tensor([example["margin"] for example in examples], dtype=torch.float)
+        return output
+
+
+class PalRewardTrainer(RewardTrainer):
+    """
+    Trainer for personalized PAL reward models ([`pal_rm.PalRewardModel`]).
+
+    It takes TRL preference data (standard or conversational, implicit or explicit prompt) with a user column
+    (`args.user_column`, default `"user_id"`), registers the users of the training data, and minimises the
+    Bradley-Terry loss on PAL's rewards. With the backbone frozen (the default) every unique text is encoded once and the
+    heads train on cached features. Parameter groups get their own learning rates (see [`PalRewardConfig`]), metrics are
+    TRL's plus per-user accuracy (`trainer.per_user_accuracy`) and `mixture_entropy`, and [`adapt_users`] fits new users
+    from a few comparisons each.
+
+    Example:
+
+    ```python
+    >>> from pal_rm import PalRewardModel
+    >>> from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+
+    >>> model = PalRewardModel.from_backbone("sentence-transformers/all-MiniLM-L6-v2", variant="b", num_prototypes=4)
+    >>> trainer = PalRewardTrainer(model, PalRewardConfig("pal-out"), train_dataset=dataset, processing_class=tokenizer)
+    >>> trainer.train()
+    >>> trainer.adapt_users(new_users_dataset)
+    ```
+    """
+
+    _tag_names = ["trl", "reward-trainer", "pal-rm", "personalized-reward-model"]
+    _name = "PAL Reward"
+
+    def __init__(
+        self,
+        model: PalRewardModel | str,
+        args: PalRewardConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
+    ):
+        if isinstance(model, str):
+            model = PalRewardModel.from_pretrained(model)
+        if not isinstance(model, PalRewardModel):
+            raise TypeError(
+                f"`model` must be a `PalRewardModel` (or the path of a saved one), got {type(model).__name__}. Build one "
+                "with `PalRewardModel.from_backbone(name_or_path, ...)`."
+            )
+        if args is None:
+            args = PalRewardConfig("pal-reward-model")
+        elif not isinstance(args, PalRewardConfig):
+            raise TypeError(f"`args` must be a `PalRewardConfig`, got {type(args).__name__}.")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+
+        if model.backbone is not None:
+            if processing_class is None:
+                processing_class = AutoTokenizer.from_pretrained(model.config.get_text_config()._name_or_path)
+            if processing_class.pad_token is None:
+                processing_class.pad_token = processing_class.eos_token
+            if processing_class.pad_token is None:
+                raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+            model._check_tokenizer(processing_class)
+            model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+            model.backbone.requires_grad_(args.train_backbone)
+        elif args.train_backbone:
+            raise ValueError("`train_backbone=True` needs a model with a backbone; this one takes pooled features.")
+
+        self._pal_model = model
+        self._feature_table = FeatureTable()
+        self.embedding_cache = EmbeddingCache(args.embedding_cache_dir)
+        self.per_user_accuracy: dict[str, dict[str, float]] = {}
+        self._current_eval_prefix = "eval"
+        self._user_hits: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        # Users of the training data are registered before any optimizer sees the user table.
+        self.train_users = self._users_of(train_dataset, args, "train")
+        model.add_users(self.train_users)
+
+        with args.main_process_first(desc="encoding texts"):
+            train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    name: self._prepare_dataset(dataset, processing_class, args, name)
+                    for name, dataset in eval_dataset.items()
+                }
+            elif eval_dataset is not None:
+                eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+
+        if data_collator is None:
+            data_collator = DataCollatorForPersonalizedPreference(
+                pad_token_id=processing_class.pad_token_id if processing_class is not None else 0,
+                features=self._feature_table,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            )
+
+        # RewardTrainer.__init__ loads models, tokenizers and PEFT adapters for sequence classifiers; a PAL model is
+        # built by the caller, so go straight to the base trainer and set what RewardTrainer sets afterwards.
+        super(RewardTrainer, self).__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+        )
+        self.can_return_loss = True
+        self.label_names = []
+        self.maybe_activation_offload_context = contextlib.nullcontext()
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
+        self._tp_size = 1
+        self.model.add_model_tags(self._tag_names)
+
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def _users_of(dataset: Dataset, args: PalRewardConfig, name: str) -> list[str]:
+        column = args.user_column
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"The {name} dataset has no user column {column!r} (columns: {dataset.column_names}). Add a column "
+                f"naming the user of each comparison, or set `PalRewardConfig(user_column=...)`."
+            )
+        users = dataset[column]
+        for row, user in enumerate(users):
+            if not isinstance(user, str) or not user.strip():
+                raise ValueError(
+                    f"Row {row} of the {name} dataset has a missing or empty user id ({user!r}) in column {column!r}. "
+                    "Every comparison needs the (non-empty string) id of the user who made it."
+                )
+        return list(dict.fromkeys(users))
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        columns = dataset.column_names
+        if set(PROCESSED_FEATURE_COLUMNS) <= set(columns) or set(PROCESSED_TOKEN_COLUMNS) <= set(columns):
+            return dataset
+        model = self._pal_model
+        users = self._users_of(dataset, args, dataset_name)
+        unknown = [user for user in users if user not in set(model.config.user_ids)]
+        if unknown and args.unknown_users == "error":
+            raise ValueError(
+                f"The {dataset_name} dataset has {len(unknown)} users the model does not know (e.g. {unknown[:3]}). "
+                "Fit them first with `trainer.adapt_users(dataset_with_their_comparisons)`, or set "
+                "`PalRewardConfig(unknown_users='population')` to score them with the population mixture."
+            )
+        user_index = model.user_rows(dataset[args.user_column], unknown_users="population").tolist()
+        output = {"user_index": user_index}
+        if "margin" in columns:
+            output["margin"] = [float(m) for m in dataset["margin"]]
+
+        if "chosen_features" in columns and "rejected_features" in columns:
+            table = self._feature_table
+            chosen = torch.tensor(dataset["chosen_features"], dtype=torch.float32)
+            rejected = torch.tensor(dataset["rejected_features"], dtype=torch.float32)
+            model._check_features(chosen, "chosen_features")
+            output["chosen_index"] = table.add(chosen)
+            output["rejected_index"] = table.add(rejected)
+            if "prompt_features" in columns:
+                output["prompt_index"] = table.add(torch.tensor(dataset["prompt_features"], dtype=torch.float32))
+            elif model.config.variant == "b":
+                raise ValueError(f"The {dataset_name} dataset has no `prompt_features`, which PAL-B needs.")
+            else:
+                output["prompt_index"] = [-1] * len(dataset)
+            return Dataset.from_dict(output)
+
+        if model.backbone is None:
+            raise ValueError(
+                f"The {dataset_name} dataset holds texts but this PAL model has no backbone; give it pooled features "
+                "(`chosen_features`, `rejected_features`, `prompt_features` columns) or use a model with a backbone."
+            )
+        for column in ("chosen", "rejected"):
+            if column not in columns:
+                raise ValueError(
+                    f"The {dataset_name} dataset has no {column!r} column (columns: {columns}). PAL trains on TRL "
+                    "preference data: `prompt` (optional), `chosen`, `rejected` and a user column."
+                )
+        prompts, items_chosen, items_rejected = [], [], []
+        for row, example in enumerate(dataset):
+            if "prompt" not in example and model.config.variant == "b":
+                if not isinstance(example["chosen"], (str, list)) or not isinstance(example["rejected"], (str, list)):
+                    raise ValueError(f"Row {row} of the {dataset_name} dataset: `chosen`/`rejected` must be texts.")
+                example = {**example, **extract_prompt(example)}
+            prompt = example.get("prompt") or ""
+            if model.config.variant == "b" and not prompt:
+                raise ValueError(
+                    f"Row {row} of the {dataset_name} dataset has no prompt; PAL-B's ideal points depend on the "
+                    "prompt. Add a `prompt` column (or use PAL-A)."
+                )
+            prompt_text, chosen_text = format_preference_texts(processing_class, prompt, example["chosen"], row=row)
+            _, rejected_text = format_preference_texts(processing_class, prompt, example["rejected"], row=row)
+            prompts.append(prompt_text)
+            items_chosen.append(chosen_text)
+            items_rejected.append(rejected_text)
+        use_prompts = model.config.variant == "b"
+
+        if not args.train_backbone:
+            texts = items_chosen + items_rejected + (prompts if use_prompts else [])
+            missing = self._feature_table.missing(texts)
+            if missing:
+                device = model.item_head.layers[-1].weight.device
+                model.to(args.device)
+                features = self.embedding_cache.encode(
+                    model,
+                    processing_class,
+                    missing,
+                    batch_size=args.encode_batch_size,
+                    max_length=args.max_length,
+                    show_progress=not args.disable_tqdm,
+                )
+                model.to(device)
+                self._feature_table.add(features, missing)
+            output["chosen_index"] = self._feature_table.add(torch.empty(0), items_chosen)
+            output["rejected_index"] = self._feature_table.add(torch.empty(0), items_rejected)
+            output["prompt_index"] = (
+                self._feature_table.add(torch.empty(0), prompts) if use_prompts else [-1] * len(prompts)
+            )
+            return Dataset.from_dict(output)
+
+        max_length = args.max_length or _max_length(processing_class, model)
+        truncation_side = processing_class.truncation_side
+        processing_class.truncation_side = "left"
+        try:
+            encode = lambda texts: processing_class(texts, truncation=True, max_length=max_length)["input_ids"]  # noqa: E731
+            output["chosen_ids"] = encode(items_chosen)
+            output["rejected_ids"] = encode(items_rejected)
+            output["prompt_ids"] = encode(prompts) if use_prompts else [[] for _ in prompts]
+        finally:
+            processing_class.truncation_side = truncation_side
+        return Dataset.from_dict(output)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(set(PROCESSED_FEATURE_COLUMNS + PROCESSED_TOKEN_COLUMNS)) + ["margin"]
+
+    # ------------------------------------------------------------------ optimisation
+    def parameter_groups(self, model: torch.nn.Module | None = None) -> list[dict]:
+        """Parameter groups with their own learning rates: backbone, heads, prototypes, user weights, logit scale."""
+        model = model if model is not None else self.model
+        args = self.args
+        decay_names = set(self.get_decay_parameter_names(model))
+        rates = {
+            "backbone": args.backbone_learning_rate,
+            "heads": args.head_learning_rate,
+            "prototypes": args.prototype_learning_rate,
+            "user_weights": args.user_learning_rate,
+            "logit_scale": args.logit_scale_learning_rate,
+        }
+        grouped: dict[tuple[str, bool], list] = defaultdict(list)
+        for name, parameter in model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if name.startswith("backbone."):
+                group = "backbone"
+            elif name.startswith("user_weights."):
+                group = "user_weights"
+            elif name == "prototypes":
+                group = "prototypes"
+            elif name == "logit_scale":
+                group = "logit_scale"
+            else:
+                group = "heads"
+            decay = name in decay_names and group in ("backbone", "heads")
+            grouped[(group, decay)].append(parameter)
+        return [
+            {
+                "params": parameters,
+                "lr": rates[group] if rates[group] is not None else args.learning_rate,
+                "weight_decay": args.weight_decay if decay else 0.0,
+                "name": group,
+            }
+            for (group, decay), parameters in grouped.items()
+        ]
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)
+            groups = [{k: v for k, v in group.items() if k != "name"} for group in self.parameter_groups(model)]
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        margin = inputs.pop("margin", None)
+        outputs = model(**inputs)
+        chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+        loss = preference_loss(self.args.loss_type, chosen, rejected, margin)
+        if self.args.norm_bound is not None:
+            loss = loss + self.args.norm_bound_coefficient * norm_bound_penalty(outputs.ideal_points, self.args.norm_bound)
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
+
+        with torch.no_grad():
+            gather = self.accelerator.gather_for_metrics
+            all_rewards = self.accelerator.gather(outputs.logits)
+            self._metrics[mode]["min_reward"].append(all_rewards.min().item())
+            self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
+            self._metrics[mode]["max_reward"].append(all_rewards.max().item())
+            correct = (chosen > rejected).float()
+            self._metrics[mode]["accuracy"].append(gather(correct.mean()).mean().item())
+            self._metrics[mode]["margin"].append(gather((chosen - rejected).mean()).mean().item())
+            if mode == "eval":
+                users = inputs["user_ids"][: chosen.shape[0]]
+                self._user_hits.append((gather(users).cpu(), gather(correct).cpu()))
+            else:
+                weights = self.accelerator.unwrap_model(model).user_mixture_weights()
+                entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean()
+                self._metrics[mode]["mixture_entropy"].append(entropy.item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            if self._user_hits:
+                per_user = self._per_user_accuracy()
+                self._user_hits = []
+                values = list(per_user.values())
+                metrics["user_accuracy_mean"] = sum(values) / len(values)
+                metrics["user_accuracy_min"] = min(values)
+            metrics = {f"{self._current_eval_prefix}_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        super(RewardTrainer, self).log(logs, start_time)
+        self._metrics[mode].clear()
+
+    def _per_user_accuracy(self) -> dict[str, float]:
+        users = torch.cat([u for u, _ in self._user_hits])
+        correct = torch.cat([c for _, c in self._user_hits])
+        user_ids = self._pal_model.config.user_ids
+        result = {}
+        for row in users.unique().tolist():
+            name = user_ids[row] if row >= 0 else "<population>"
+            result[name] = correct[users == row].mean().item()
+        self.per_user_accuracy[self._current_eval_prefix] = result
+        return result
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """TRL's evaluation plus `eval_user_accuracy_mean` / `_min`; the full table is in `self.per_user_accuracy`."""
+        self._user_hits = []
+        self._current_eval_prefix = metric_key_prefix
+        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def train(self, *args, **kwargs):
+        """Trains, then sets the model's population mixture to the mean mixture of the training users."""
+        output = super().train(*args, **kwargs)
+        model = self._pal_model
+        model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
+        return output
+
+    # ------------------------------------------------------------------ new users
+    def adapt_users(
+        self,
+        dataset: Dataset,
+        steps: int | None = None,
+        learning_rate: float | None = None,
+        prior_strength: float | None = None,
+    ) -> dict[str, Any]:
+        """
+        Few-shot localization of new users: registers every user of `dataset` the model does not know, starting at the
+        population mixture, and fits only their mixture logits (K numbers each) on their comparisons, all users at once,
+        by full-batch Adam on the Bradley-Terry loss plus a Gaussian prior towards the population logits. Everything
+        else (backbone, heads, prototypes, every known user) is frozen and left bit-identical.
+
+        Returns a dict with the new users, their rows and the final training loss and accuracy on `dataset`.
+        """
+        args = self.args
+        steps = args.adapt_steps if steps is None else steps
+        learning_rate = args.adapt_learning_rate if learning_rate is None else learning_rate
+        prior_strength = args.adapt_prior_strength if prior_strength is None else prior_strength
+        model = self._pal_model
+        users = self._users_of(dataset, args, "adaptation")
+        known = set(model.config.user_ids)
+        new_users = [user for user in users if user not in known]
+        if not new_users:
+            logger.warning("`adapt_users`: every user of the dataset is already registered; nothing to fit.")
+            return {"users": [], "rows": [], "loss": float("nan"), "accuracy": float("nan")}
+        rows = model.add_users(new_users)
+        processed = self._prepare_dataset(dataset, self.processing_class, args, "adaptation")
+        if "chosen_index" not in processed.column_names:
+            raise ValueError("`adapt_users` needs the frozen-backbone feature path (`train_backbone=False`).")
+
+        table = self._feature_table.table
+        device = model.item_head.layers[-1].weight.device
+        user_rows = torch.tensor(processed["user_index"], device=device)
+        first_row = rows[0]
+        local = user_rows - first_row
+        chosen_features = table[torch.tensor(processed["chosen_index"])].to(device)
+        rejected_features = table[torch.tensor(processed["rejected_index"])].to(device)
+        prompt_index = torch.tensor(processed["prompt_index"])
+        prompt_features = table[prompt_index].to(device) if model.config.variant == "b" else None
+        margin = torch.tensor(processed["margin"], device=device) if "margin" in processed.column_names else None
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            chosen_embeddings = model.item_head(chosen_features)
+            rejected_embeddings = model.item_head(rejected_features)
+            points = model.prototype_points(prompt_features, chosen_embeddings.shape[0])
+            prior = model.population_logits().to(device)
+        logits = torch.nn.Parameter(prior.repeat(len(new_users), 1).clone())
+        optimizer = torch.optim.Adam([logits], lr=learning_rate)
+        counts = torch.bincount(local, minlength=len(new_users)).clamp(min=1).float()
+        temperature = model.config.mixture_temperature
+        progress = tqdm(range(steps), desc="Adapting new users", disable=args.disable_tqdm or steps == 0)
+        for _ in progress:
+            optimizer.zero_grad()
+            weights = torch.softmax(logits[local] / temperature, dim=-1)
+            ideal = torch.einsum("bk,bkd->bd", weights, points)
+            difference = model.similarity(chosen_embeddings, ideal) - model.similarity(rejected_embeddings, ideal)
+            if margin is not None:
+                difference = difference - margin
+            per_pair = -torch.nn.functional.logsigmoid(difference)
+            per_user = torch.zeros(len(new_users), device=device).index_add(0, local, per_pair) / counts
+            loss = per_user.sum() + prior_strength * (logits - prior).pow(2).sum()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            model.user_weights.weight[first_row : first_row + len(new_users)] = logits.detach().to(
+                model.user_weights.weight.dtype
+            )
+            accuracy = (difference > 0).float().mean().item()
+        model.train(was_training)
+        logger.info(f"Adapted {len(new_users)} new users on {len(processed)} comparisons (train accuracy {accuracy:.3f}).")
+        return {"users": new_users, "rows": rows, "loss": per_user.mean().item(), "accuracy": accuracy}
+
+
+def _max_length(tokenizer, model) -> int:
+    from pal_rm.modeling_pal import _default_max_length
+
+    return _default_max_length(tokenizer, model.config)
+
+
+__all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardTrainer"]
+
