@@ -1,0 +1,88 @@
+# Offline before anything imports transformers.
+import os
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
+from transformers import BertConfig, GPT2Config, PreTrainedTokenizerFast  # noqa: E402
+
+import pal_rm  # noqa: E402, F401
+from pal_rm import PalConfig, PalRewardModel  # noqa: E402
+
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
+BACKBONES = ["gpt2", "bert"]
+
+
+def make_word_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of `texts`, built in code (no download)."""
+    splitter = pre_tokenizers.Whitespace()
+    words = sorted({word for text in texts for word, _ in splitter.pre_tokenize_str(text)})
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = splitter
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def tiny_backbone_config(kind: str, vocab_size: int):
+    if kind == "gpt2":
+        return GPT2Config(
+            n_layer=1, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=256, bos_token_id=2, eos_token_id=2
+        )
+    return BertConfig(
+        num_hidden_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+    )
+
+
+def tiny_model(kind: str = "gpt2", vocab_size: int = 64, seed: int = 0, **config_kwargs) -> PalRewardModel:
+    torch.manual_seed(seed)
+    defaults = {"num_prototypes": 3, "preference_dim": 8}
+    config = PalConfig(backbone_config=tiny_backbone_config(kind, vocab_size), **{**defaults, **config_kwargs})
+    return PalRewardModel(config)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset():
+    from pal_rm.data import load_demo_preferences
+
+    return load_demo_preferences(seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_demo_dataset():
+    from pal_rm.data import load_demo_preferences
+
+    return load_demo_preferences(
+        users_per_group=3, num_mixture_users=0, pairs_per_user=40, num_unseen_users=4, unseen_shots=10, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_dataset):
+    texts = []
+    for split in demo_dataset.values():
+        texts += split["prompt"] + split["chosen"] + split["rejected"]
+    return make_word_tokenizer(texts)
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer():
+    return make_word_tokenizer(["the quick brown fox jumps over a lazy dog hello world yes no what is this"])
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from pal_rm.utils import MINILM, resolve_model_path
+
+    return resolve_model_path(MINILM)
