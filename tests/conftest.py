@@ -16,6 +16,11 @@ import pal_rm  # noqa: E402, F401
 from pal_rm import PalConfig, PalRewardModel  # noqa: E402
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: two workers with two threads each on two cores thrash.
+    torch.set_num_threads(1)
+
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
 BACKBONES = ["gpt2", "bert"]
 
@@ -72,7 +77,7 @@ def small_demo_dataset():
 def demo_tokenizer(demo_dataset):
     texts = []
     for split in demo_dataset.values():
-        texts += split["prompt"] + split["chosen"] + split["rejected"]
+        texts += list(split["prompt"]) + list(split["chosen"]) + list(split["rejected"])
     return make_word_tokenizer(texts)
 
 

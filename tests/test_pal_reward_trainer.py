@@ -1,0 +1,292 @@
+import pytest
+import torch
+from conftest import tiny_model
+from datasets import Dataset
+
+from pal_rm.cache import EmbeddingCache
+from pal_rm.trainers import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardConfig, PalRewardTrainer
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = {
+        "output_dir": str(tmp_path / "out"),
+        "num_train_epochs": 1,
+        "per_device_train_batch_size": 16,
+        "logging_steps": 1000,
+        "disable_tqdm": True,
+        "seed": 0,
+        "use_cpu": True,
+    }
+    return PalRewardConfig(**{**defaults, **kwargs})
+
+
+def rows(n=4, users=("alice", "bob")):
+    return Dataset.from_dict(
+        {
+            "user_id": [users[i % len(users)] for i in range(n)],
+            "prompt": ["what is this"] * n,
+            "chosen": ["the quick fox"] * n,
+            "rejected": ["a lazy dog"] * n,
+        }
+    )
+
+
+# ---------------------------------------------------------------- collator
+def test_collator_token_mode_literal_tensors():
+    collator = DataCollatorForPersonalizedPreference(pad_token_id=0)
+    output = collator(
+        [
+            {"chosen_ids": [1, 2, 3], "rejected_ids": [4, 5], "prompt_ids": [1], "user_index": 0, "margin": 0.5},
+            {"chosen_ids": [6, 7], "rejected_ids": [8], "prompt_ids": [6, 9], "user_index": 1, "margin": 0.0},
+        ]
+    )
+    assert output["input_ids"].tolist() == [[1, 2, 3], [6, 7, 0], [4, 5, 0], [8, 0, 0]]
+    assert output["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]]
+    assert output["user_ids"].tolist() == [0, 1, 0, 1]
+    assert output["prompt_input_ids"].tolist() == [[1, 0], [6, 9]]
+    assert output["prompt_attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert output["margin"].tolist() == [0.5, 0.0]
+
+
+def test_collator_feature_mode_literal_tensors():
+    table = FeatureTable()
+    table.add(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
+    collator = DataCollatorForPersonalizedPreference(features=table)
+    output = collator(
+        [
+            {"chosen_index": 1, "rejected_index": 2, "prompt_index": 0, "user_index": 3},
+            {"chosen_index": 3, "rejected_index": 0, "prompt_index": 0, "user_index": -1},
+        ]
+    )
+    assert output["item_features"].tolist() == [[1.0, 1.0], [3.0, 3.0], [2.0, 2.0], [0.0, 0.0]]
+    assert output["prompt_features"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert output["user_ids"].tolist() == [3, -1, 3, -1]
+
+
+def test_feature_table_deduplicates_by_key():
+    table = FeatureTable()
+    assert table.add(torch.tensor([[1.0], [2.0]]), ["a", "b"]) == [0, 1]
+    assert table.missing(["a", "c", "c"]) == ["c"]
+    assert table.add(torch.tensor([[2.0], [3.0]]), ["b", "c"]) == [1, 2]
+    assert table.table.squeeze(-1).tolist() == [1.0, 2.0, 3.0]
+
+
+# ---------------------------------------------------------------- training
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_training_learns_users_and_updates_every_parameter(kind, tmp_path, demo_dataset, demo_tokenizer):
+    # Mean pooling: the last token of a random 1-layer decoder is always EOS and carries little of the text.
+    model = tiny_model(
+        kind, vocab_size=len(demo_tokenizer), variant="b", num_prototypes=4, preference_dim=16, pooling="mean"
+    )
+    args = make_args(tmp_path, num_train_epochs=25, per_device_train_batch_size=32, learning_rate=3e-3)
+    trainer = PalRewardTrainer(
+        model, args, train_dataset=demo_dataset["train"], processing_class=demo_tokenizer
+    )
+    assert model.config.user_ids == list(dict.fromkeys(demo_dataset["train"]["user_id"]))
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("backbone.") for name in trainable)  # frozen by default
+    assert {"user_weights.weight", "item_head.layers.0.weight"} <= set(trainable)
+    before = trainer.evaluate(demo_dataset["validation"])["eval_accuracy"]
+    trainer.train()
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(trainable[name], parameter.detach()), f"{name} did not change"
+    metrics = trainer.evaluate(demo_dataset["validation"])
+    assert metrics["eval_accuracy"] > 0.8, metrics
+    assert metrics["eval_accuracy"] > before + 0.2
+    assert metrics["eval_user_accuracy_mean"] > 0.75
+    assert set(trainer.per_user_accuracy["eval"]) == set(demo_dataset["validation"]["user_id"])
+    # the population mixture is the mean of the seen users' mixtures after training
+    assert torch.allclose(model.population_mixture, model.user_mixture_weights().mean(0), atol=1e-6)
+
+
+def test_frozen_backbone_encodes_every_unique_text_once(tmp_path, small_demo_dataset, demo_tokenizer):
+    model = tiny_model("bert", vocab_size=len(demo_tokenizer), variant="b")
+    encoded_rows = []
+    model.backbone.register_forward_hook(lambda module, args, kwargs_output: None)
+    model.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: encoded_rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    train = small_demo_dataset["train"]
+    args = make_args(tmp_path, num_train_epochs=3)
+    trainer = PalRewardTrainer(model, args, train_dataset=train, eval_dataset=train, processing_class=demo_tokenizer)
+    unique = set(train["prompt"])
+    for prompt, chosen, rejected in zip(train["prompt"], train["chosen"], train["rejected"]):
+        unique |= {prompt + chosen + "[EOS]", prompt + rejected + "[EOS]"}
+    assert sum(encoded_rows) == len(unique) == trainer.embedding_cache.num_encoded
+    calls = len(encoded_rows)
+    trainer.train()
+    trainer.evaluate()
+    assert len(encoded_rows) == calls  # three epochs and an evaluation without a backbone call
+
+
+def test_embedding_cache_on_disk_is_reused(tmp_path, small_demo_dataset, demo_tokenizer):
+    model = tiny_model("bert", vocab_size=len(demo_tokenizer))
+    texts = small_demo_dataset["train"]["chosen"][:10]
+    first = EmbeddingCache(tmp_path / "cache")
+    features = first.encode(model, demo_tokenizer, texts, show_progress=False)
+    second = EmbeddingCache(tmp_path / "cache")
+    again = second.encode(model, demo_tokenizer, texts, show_progress=False)
+    assert second.num_encoded == 0 and torch.equal(features, again)
+    with torch.no_grad():
+        model.backbone.embeddings.word_embeddings.weight.add_(1.0)  # other weights: other key
+    third = EmbeddingCache(tmp_path / "cache")
+    third.encode(model, demo_tokenizer, texts, show_progress=False)
+    assert third.num_encoded == len(set(texts))
+    for path in (tmp_path / "cache").glob("*.safetensors"):
+        path.write_bytes(b"garbage")
+    fourth = EmbeddingCache(tmp_path / "cache")  # a corrupt cache is rebuilt, not trusted
+    rebuilt = fourth.encode(model, demo_tokenizer, texts, show_progress=False)
+    assert fourth.num_encoded == len(set(texts)) and rebuilt.shape == features.shape
+
+
+def test_parameter_groups_get_their_learning_rates(tmp_path, word_tokenizer):
+    model = tiny_model("gpt2", vocab_size=len(word_tokenizer), variant="a", similarity="cosine")
+    args = make_args(
+        tmp_path,
+        train_backbone=True,
+        backbone_learning_rate=1e-5,
+        head_learning_rate=1e-4,
+        prototype_learning_rate=5e-3,
+        user_learning_rate=6e-3,
+        logit_scale_learning_rate=0.1,
+    )
+    trainer = PalRewardTrainer(model, args, train_dataset=rows(), processing_class=word_tokenizer)
+    rates = {group["name"]: group["lr"] for group in trainer.parameter_groups()}
+    assert rates == {
+        "backbone": 1e-5,
+        "heads": 1e-4,
+        "prototypes": 5e-3,
+        "user_weights": 6e-3,
+        "logit_scale": 0.1,
+    }
+    optimizer = trainer.create_optimizer()
+    assert sorted({group["lr"] for group in optimizer.param_groups}) == [1e-5, 1e-4, 5e-3, 6e-3, 0.1]
+
+
+def test_training_the_backbone_on_tokens(tmp_path, word_tokenizer):
+    model = tiny_model("gpt2", vocab_size=len(word_tokenizer), variant="b")
+    args = make_args(tmp_path, train_backbone=True, backbone_learning_rate=1e-2, max_steps=2)
+    trainer = PalRewardTrainer(model, args, train_dataset=rows(8), processing_class=word_tokenizer)
+    assert "chosen_ids" in trainer.train_dataset.column_names
+    before = model.backbone.h[0].mlp.c_fc.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, model.backbone.h[0].mlp.c_fc.weight)
+
+
+def test_features_dataset_without_backbone(tmp_path):
+    from pal_rm import PalConfig, PalRewardModel
+
+    torch.manual_seed(0)
+    model = PalRewardModel(PalConfig(feature_dim=4, num_prototypes=2, preference_dim=4))
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.randn(64, 4, generator=generator)
+    rejected = torch.randn(64, 4, generator=generator)
+    users = ["u0", "u1"] * 32
+    # u0 prefers a large first coordinate, u1 a small one
+    for i, user in enumerate(users):
+        if (chosen[i, 0] < rejected[i, 0]) == (user == "u0"):
+            chosen[i], rejected[i] = rejected[i].clone(), chosen[i].clone()
+    data = Dataset.from_dict({"user_id": users, "chosen_features": chosen.tolist(), "rejected_features": rejected.tolist()})
+    trainer = PalRewardTrainer(model, make_args(tmp_path, num_train_epochs=40, learning_rate=1e-2, prototype_learning_rate=5e-2, user_learning_rate=5e-2), train_dataset=data)
+    trainer.train()
+    assert trainer.evaluate(data)["eval_accuracy"] > 0.85
+
+
+# ---------------------------------------------------------------- new users
+def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_path, demo_dataset, demo_tokenizer):
+    model = tiny_model("bert", vocab_size=len(demo_tokenizer), variant="b", num_prototypes=4, preference_dim=16)
+    args = make_args(tmp_path, num_train_epochs=20, per_device_train_batch_size=32, learning_rate=3e-3)
+    trainer = PalRewardTrainer(model, args, train_dataset=demo_dataset["train"], processing_class=demo_tokenizer)
+    trainer.train()
+    model.eval()
+    test = demo_dataset["test"]
+    seen_users = test["user_id"]
+    before_rewards = model.score_texts(demo_tokenizer, test["prompt"], test["chosen"], users=seen_users)
+    before_table = model.user_weights.weight.detach().clone()
+    before_state = {k: v.clone() for k, v in model.state_dict().items() if k != "user_weights.weight"}
+    with pytest.raises(ValueError, match="users the model does not know.*adapt_users"):
+        trainer.evaluate(demo_dataset["unseen_test"])
+    result = trainer.adapt_users(demo_dataset["unseen_train"])
+    new_users = list(dict.fromkeys(demo_dataset["unseen_train"]["user_id"]))
+    assert result["users"] == new_users
+    assert model.config.user_ids[-len(new_users) :] == new_users
+    assert torch.equal(model.user_weights.weight[: before_table.shape[0]], before_table)
+    for key, value in model.state_dict().items():
+        if key != "user_weights.weight":
+            assert torch.equal(value, before_state[key]), key
+    after_rewards = model.score_texts(demo_tokenizer, test["prompt"], test["chosen"], users=seen_users)
+    assert torch.equal(before_rewards, after_rewards)
+    unseen = trainer.evaluate(demo_dataset["unseen_test"], metric_key_prefix="unseen")
+    assert unseen["unseen_accuracy"] > 0.75, unseen
+    assert trainer.adapt_users(demo_dataset["unseen_train"])["users"] == []  # nothing new the second time
+
+
+# ---------------------------------------------------------------- bad input
+def test_missing_user_column(tmp_path, word_tokenizer):
+    data = rows().remove_columns("user_id")
+    with pytest.raises(ValueError, match="no user column 'user_id'.*user_column"):
+        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path), train_dataset=data,
+                         processing_class=word_tokenizer)
+
+
+@pytest.mark.parametrize("bad_user", ["", None, "   "])
+def test_missing_or_empty_user_id(tmp_path, word_tokenizer, bad_user):
+    data = rows().to_list()
+    data[2]["user_id"] = bad_user
+    with pytest.raises(ValueError, match="Row 2 of the train dataset has a missing or empty user id"):
+        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
+                         train_dataset=Dataset.from_list(data), processing_class=word_tokenizer)
+
+
+def test_empty_or_non_string_text(tmp_path, word_tokenizer):
+    data = rows().to_list()
+    data[1]["rejected"] = ""
+    with pytest.raises(ValueError, match="Empty response \\(row 1\\)"):
+        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
+                         train_dataset=Dataset.from_list(data), processing_class=word_tokenizer)
+    data = rows().to_dict()
+    data["chosen"] = [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="must be strings or lists of messages \\(row 0\\)"):
+        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
+                         train_dataset=Dataset.from_dict(data), processing_class=word_tokenizer)
+
+
+def test_row_without_rejected(tmp_path, word_tokenizer):
+    with pytest.raises(ValueError, match="no 'rejected' column"):
+        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
+                         train_dataset=rows().remove_columns("rejected"), processing_class=word_tokenizer)
+
+
+def test_unknown_users_at_evaluation(tmp_path, word_tokenizer):
+    trainer = PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path), train_dataset=rows(),
+                               processing_class=word_tokenizer)
+    with pytest.raises(ValueError, match="1 users the model does not know.*unknown_users='population'"):
+        trainer.evaluate(rows(users=("carol",)))
+    trainer = PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)),
+                               make_args(tmp_path, unknown_users="population"), train_dataset=rows(),
+                               processing_class=word_tokenizer)
+    trainer.evaluate(rows(users=("carol",)))
+    assert set(trainer.per_user_accuracy["eval"]) == {"<population>"}
+
+
+def test_pal_b_needs_a_prompt(tmp_path, word_tokenizer):
+    data = rows().to_list()
+    data[3]["prompt"] = ""
+    with pytest.raises(ValueError, match="Row 3 of the train dataset has no prompt"):
+        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer), variant="b"), make_args(tmp_path),
+                         train_dataset=Dataset.from_list(data), processing_class=word_tokenizer)
+
+
+def test_implicit_prompt_is_extracted_for_pal_b(tmp_path, word_tokenizer):
+    data = Dataset.from_dict(
+        {"user_id": ["a", "b"], "chosen": ["what is this the fox", "hello yes"], "rejected": ["what is this a dog", "hello no"]}
+    )
+    trainer = PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer), variant="b"), make_args(tmp_path),
+                               train_dataset=data, processing_class=word_tokenizer)
+    assert all(index >= 0 for index in trainer.train_dataset["prompt_index"])
+
+
+def test_wrong_model_and_args_types(tmp_path):
+    with pytest.raises(TypeError, match="must be a `PalRewardModel`"):
+        PalRewardTrainer(torch.nn.Linear(2, 2), make_args(tmp_path), train_dataset=rows())
