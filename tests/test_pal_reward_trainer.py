@@ -290,3 +290,26 @@ def test_implicit_prompt_is_extracted_for_pal_b(tmp_path, word_tokenizer):
 def test_wrong_model_and_args_types(tmp_path):
     with pytest.raises(TypeError, match="must be a `PalRewardModel`"):
         PalRewardTrainer(torch.nn.Linear(2, 2), make_args(tmp_path), train_dataset=rows())
+
+
+def test_conversational_data_and_norm_bound(tmp_path, word_tokenizer):
+    data = Dataset.from_dict(
+        {
+            "user_id": ["a", "b", "a", "b"],
+            "prompt": [[{"role": "user", "content": "what is this"}]] * 4,
+            "chosen": [[{"role": "assistant", "content": "the quick fox"}]] * 4,
+            "rejected": [[{"role": "assistant", "content": "a lazy dog"}]] * 4,
+        }
+    )
+    model = tiny_model(vocab_size=len(word_tokenizer), variant="b")
+    args = make_args(tmp_path, norm_bound=0.01, norm_bound_coefficient=10.0, max_steps=3)
+    trainer = PalRewardTrainer(model, args, train_dataset=data, processing_class=word_tokenizer)
+    assert len(trainer._feature_table) == 3  # one prompt and two conversations, each encoded once
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        bounded = trainer.compute_loss(model, dict(inputs))
+        trainer.args.norm_bound = None
+        unbounded = trainer.compute_loss(model, dict(inputs))
+    assert bounded > unbounded  # the ideal points lie outside the tiny ball, so the penalty is added
+    trainer.args.norm_bound = 0.01
+    trainer.train()

@@ -18,6 +18,7 @@ from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
 
 from pal_rm.cache import EmbeddingCache
+from pal_rm.hub import save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.modeling_pal import PalRewardModel, format_preference_texts
 
@@ -491,6 +492,28 @@ class PalRewardTrainer(RewardTrainer):
         model = self._pal_model
         model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
         return output
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        eval_results: dict | None = None,
+        **kwargs,
+    ) -> None:
+        """Writes PAL's model card (`pal_rm.hub.create_model_card`) to `output_dir/README.md`, with `eval_results` or
+        the last ones given (`self.model_card_results`)."""
+        if not self.is_world_process_zero():
+            return
+        if eval_results is not None:
+            self.model_card_results = eval_results
+        save_model_card(
+            self._pal_model,
+            self.args.output_dir,
+            eval_results=getattr(self, "model_card_results", None),
+            dataset_name=dataset_name,
+            repo_id=self.args.hub_model_id,
+        )
 
     # ------------------------------------------------------------------ new users
     def adapt_users(

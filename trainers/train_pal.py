@@ -26,7 +26,6 @@ from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 from pal_rm import PalRewardModel
-from pal_rm.hub import save_model_card
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 from pal_rm.utils import MINILM, resolve_model_path
 
@@ -164,14 +163,7 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         table["Bradley-Terry (one reward for everyone)"] = run_experiment(baseline_trainer, dataset, script_args)
 
     if trainer.accelerator.is_main_process:
-        pal_results = next(iter(table.values()))
-        save_model_card(
-            trainer._pal_model,
-            training_args.output_dir,
-            eval_results=pal_results,
-            dataset_name=script_args.dataset_name,
-            repo_id=training_args.hub_model_id,
-        )
+        trainer.create_model_card(dataset_name=script_args.dataset_name, eval_results=next(iter(table.values())))
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as file:
             json.dump({"results": table, "wall_time_seconds": time.time() - start}, file, indent=2)
         print_table(table, dataset)
