@@ -6,7 +6,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from .configuration_pal import PalConfig
 from .modeling_pal import PalPreTrainedModel, PalRewardModel, PalRewardModelOutput
 
-
 __version__ = "0.1.0"
 
 AutoConfig.register(PalConfig.model_type, PalConfig, exist_ok=True)

@@ -14,11 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 
-def backbone_fingerprint(model, max_length: int | None) -> str:
+def backbone_hash(model, max_length: int | None) -> str:
     """A short hash that changes when the backbone (config, name, weights), the pooling or the max length change."""
     config = model.config
     digest = hashlib.sha256()
@@ -111,7 +110,7 @@ class EmbeddingCache:
         from .modeling_pal import _default_max_length
 
         max_length = max_length or _default_max_length(tokenizer, model.config)
-        fingerprint = backbone_fingerprint(model, max_length)
+        fingerprint = backbone_hash(model, max_length)
         store = self._store(fingerprint)
         keys = [_text_key(text) for text in texts]
         missing = list(dict.fromkeys(key for key in keys if key not in store))
@@ -132,4 +131,4 @@ class EmbeddingCache:
         return torch.stack([store[key] for key in keys])
 
 
-__all__ = ["EmbeddingCache", "backbone_fingerprint"]
+__all__ = ["EmbeddingCache", "backbone_hash"]

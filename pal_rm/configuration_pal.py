@@ -8,7 +8,6 @@ transformers API.
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 VARIANTS = ("a", "b")

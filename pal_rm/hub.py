@@ -5,7 +5,6 @@ import os
 
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 CITATION = """@inproceedings{chen2025pal,

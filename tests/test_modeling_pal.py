@@ -12,7 +12,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from pal_rm import PalConfig, PalRewardModel
 from pal_rm.modeling_pal import format_preference_texts, pool_hidden_states
 
-
 VOCAB = 64
 
 
@@ -73,7 +72,9 @@ def test_forward_shapes_and_features_path(kind, variant):
     # Cached features give the same rewards as token ids.
     features = model.encode(input_ids, attention_mask)
     prompt_features = model.encode(extra["prompt_input_ids"], extra["prompt_attention_mask"]) if extra else None
-    from_features = model(item_features=features, prompt_features=prompt_features, user_ids=torch.tensor([0, 1, 1, -1]))
+    from_features = model(
+        item_features=features, prompt_features=prompt_features, user_ids=torch.tensor([0, 1, 1, -1])
+    )
     assert torch.allclose(output.logits, from_features.logits, atol=1e-5)
 
 
@@ -232,7 +233,9 @@ def test_real_pretrained_backbone(minilm_path):
     model = PalRewardModel.from_backbone(minilm_path, variant="b", num_prototypes=2, preference_dim=8).eval()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     assert model.config.pooling == "mean" and model.config.hidden_size == 384
-    features = model.encode_texts(tokenizer, ["A cat sits on the mat.", "A kitten sits on a rug.", "Stock prices fell."])
+    features = model.encode_texts(
+        tokenizer, ["A cat sits on the mat.", "A kitten sits on a rug.", "Stock prices fell."]
+    )
     similarity = torch.nn.functional.cosine_similarity(features[0:1], features[1:], dim=-1)
     assert similarity[0] > similarity[1] + 0.2  # pretrained weights, not random ones
     rewards = model.score_texts(tokenizer, ["Say something."] * 2, ["Hello there.", "Goodbye."])

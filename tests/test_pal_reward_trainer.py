@@ -79,9 +79,7 @@ def test_training_learns_users_and_updates_every_parameter(kind, tmp_path, demo_
         kind, vocab_size=len(demo_tokenizer), variant="b", num_prototypes=4, preference_dim=16, pooling="mean"
     )
     args = make_args(tmp_path, num_train_epochs=25, per_device_train_batch_size=32, learning_rate=3e-3)
-    trainer = PalRewardTrainer(
-        model, args, train_dataset=demo_dataset["train"], processing_class=demo_tokenizer
-    )
+    trainer = PalRewardTrainer(model, args, train_dataset=demo_dataset["train"], processing_class=demo_tokenizer)
     assert model.config.user_ids == list(dict.fromkeys(demo_dataset["train"]["user_id"]))
     trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert not any(name.startswith("backbone.") for name in trainable)  # frozen by default
@@ -187,8 +185,16 @@ def test_features_dataset_without_backbone(tmp_path):
     for i, user in enumerate(users):
         if (chosen[i, 0] < rejected[i, 0]) == (user == "u0"):
             chosen[i], rejected[i] = rejected[i].clone(), chosen[i].clone()
-    data = Dataset.from_dict({"user_id": users, "chosen_features": chosen.tolist(), "rejected_features": rejected.tolist()})
-    trainer = PalRewardTrainer(model, make_args(tmp_path, num_train_epochs=40, learning_rate=1e-2, prototype_learning_rate=5e-2, user_learning_rate=5e-2), train_dataset=data)
+    data = Dataset.from_dict(
+        {"user_id": users, "chosen_features": chosen.tolist(), "rejected_features": rejected.tolist()}
+    )
+    trainer = PalRewardTrainer(
+        model,
+        make_args(
+            tmp_path, num_train_epochs=40, learning_rate=1e-2, prototype_learning_rate=5e-2, user_learning_rate=5e-2
+        ),
+        train_dataset=data,
+    )
     trainer.train()
     assert trainer.evaluate(data)["eval_accuracy"] > 0.85
 
@@ -226,8 +232,12 @@ def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_pat
 def test_missing_user_column(tmp_path, word_tokenizer):
     data = rows().remove_columns("user_id")
     with pytest.raises(ValueError, match="no user column 'user_id'.*user_column"):
-        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path), train_dataset=data,
-                         processing_class=word_tokenizer)
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer)),
+            make_args(tmp_path),
+            train_dataset=data,
+            processing_class=word_tokenizer,
+        )
 
 
 @pytest.mark.parametrize("bad_user", ["", None, "   "])
@@ -235,37 +245,60 @@ def test_missing_or_empty_user_id(tmp_path, word_tokenizer, bad_user):
     data = rows().to_list()
     data[2]["user_id"] = bad_user
     with pytest.raises(ValueError, match="Row 2 of the train dataset has a missing or empty user id"):
-        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
-                         train_dataset=Dataset.from_list(data), processing_class=word_tokenizer)
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer)),
+            make_args(tmp_path),
+            train_dataset=Dataset.from_list(data),
+            processing_class=word_tokenizer,
+        )
 
 
 def test_empty_or_non_string_text(tmp_path, word_tokenizer):
     data = rows().to_list()
     data[1]["rejected"] = ""
     with pytest.raises(ValueError, match="Empty response \\(row 1\\)"):
-        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
-                         train_dataset=Dataset.from_list(data), processing_class=word_tokenizer)
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer)),
+            make_args(tmp_path),
+            train_dataset=Dataset.from_list(data),
+            processing_class=word_tokenizer,
+        )
     data = rows().to_dict()
     data["chosen"] = [1, 2, 3, 4]
     with pytest.raises(ValueError, match="must be strings or lists of messages \\(row 0\\)"):
-        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
-                         train_dataset=Dataset.from_dict(data), processing_class=word_tokenizer)
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer)),
+            make_args(tmp_path),
+            train_dataset=Dataset.from_dict(data),
+            processing_class=word_tokenizer,
+        )
 
 
 def test_row_without_rejected(tmp_path, word_tokenizer):
     with pytest.raises(ValueError, match="no 'rejected' column"):
-        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path),
-                         train_dataset=rows().remove_columns("rejected"), processing_class=word_tokenizer)
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer)),
+            make_args(tmp_path),
+            train_dataset=rows().remove_columns("rejected"),
+            processing_class=word_tokenizer,
+        )
 
 
 def test_unknown_users_at_evaluation(tmp_path, word_tokenizer):
-    trainer = PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)), make_args(tmp_path), train_dataset=rows(),
-                               processing_class=word_tokenizer)
+    trainer = PalRewardTrainer(
+        tiny_model(vocab_size=len(word_tokenizer)),
+        make_args(tmp_path),
+        train_dataset=rows(),
+        processing_class=word_tokenizer,
+    )
     with pytest.raises(ValueError, match="1 users the model does not know.*unknown_users='population'"):
         trainer.evaluate(rows(users=("carol",)))
-    trainer = PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer)),
-                               make_args(tmp_path, unknown_users="population"), train_dataset=rows(),
-                               processing_class=word_tokenizer)
+    trainer = PalRewardTrainer(
+        tiny_model(vocab_size=len(word_tokenizer)),
+        make_args(tmp_path, unknown_users="population"),
+        train_dataset=rows(),
+        processing_class=word_tokenizer,
+    )
     trainer.evaluate(rows(users=("carol",)))
     assert set(trainer.per_user_accuracy["eval"]) == {"<population>"}
 
@@ -274,16 +307,28 @@ def test_pal_b_needs_a_prompt(tmp_path, word_tokenizer):
     data = rows().to_list()
     data[3]["prompt"] = ""
     with pytest.raises(ValueError, match="Row 3 of the train dataset has no prompt"):
-        PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer), variant="b"), make_args(tmp_path),
-                         train_dataset=Dataset.from_list(data), processing_class=word_tokenizer)
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer), variant="b"),
+            make_args(tmp_path),
+            train_dataset=Dataset.from_list(data),
+            processing_class=word_tokenizer,
+        )
 
 
 def test_implicit_prompt_is_extracted_for_pal_b(tmp_path, word_tokenizer):
     data = Dataset.from_dict(
-        {"user_id": ["a", "b"], "chosen": ["what is this the fox", "hello yes"], "rejected": ["what is this a dog", "hello no"]}
+        {
+            "user_id": ["a", "b"],
+            "chosen": ["what is this the fox", "hello yes"],
+            "rejected": ["what is this a dog", "hello no"],
+        }
     )
-    trainer = PalRewardTrainer(tiny_model(vocab_size=len(word_tokenizer), variant="b"), make_args(tmp_path),
-                               train_dataset=data, processing_class=word_tokenizer)
+    trainer = PalRewardTrainer(
+        tiny_model(vocab_size=len(word_tokenizer), variant="b"),
+        make_args(tmp_path),
+        train_dataset=data,
+        processing_class=word_tokenizer,
+    )
     assert all(index >= 0 for index in trainer.train_dataset["prompt_index"])
 
 

@@ -5,11 +5,16 @@ import sys
 
 import pytest
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DEMO = json.dumps(
-    {"users_per_group": 2, "num_mixture_users": 0, "pairs_per_user": 16, "num_unseen_users": 2, "unseen_shots": 8,
-     "unseen_test_pairs": 8}
+    {
+        "users_per_group": 2,
+        "num_mixture_users": 0,
+        "pairs_per_user": 16,
+        "num_unseen_users": 2,
+        "unseen_shots": 8,
+        "unseen_test_pairs": 8,
+    }
 )
 
 
@@ -31,14 +36,21 @@ def test_parser_reads_the_demo_recipe():
 def test_train_pal_end_to_end_under_accelerate(tmp_path, launcher):
     output_dir = tmp_path / "pal-demo"
     command = [
-        os.path.join(os.path.dirname(sys.executable), launcher[0]), *launcher[1:],
+        os.path.join(os.path.dirname(sys.executable), launcher[0]),
+        *launcher[1:],
         os.path.join(REPO, "trainers", "train_pal.py"),
-        "--config", os.path.join(REPO, "hub_configs", "pal-demo.yaml"),
-        "--dataset_kwargs", SMALL_DEMO,
-        "--num_train_epochs", "2",
-        "--eval_strategy", "no",
-        "--output_dir", str(output_dir),
-        "--disable_tqdm", "true",
+        "--config",
+        os.path.join(REPO, "hub_configs", "pal-demo.yaml"),
+        "--dataset_kwargs",
+        SMALL_DEMO,
+        "--num_train_epochs",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--output_dir",
+        str(output_dir),
+        "--disable_tqdm",
+        "true",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
@@ -55,11 +67,14 @@ def test_train_pal_end_to_end_under_accelerate(tmp_path, launcher):
     card = (output_dir / "README.md").read_text()
     assert "PAL personalized reward model" in card and "| prototypes (K) | 4 |" in card
 
-    import pal_rm  # noqa: F401
     from transformers import AutoModel, AutoTokenizer
+
+    import pal_rm  # noqa: F401
 
     model = AutoModel.from_pretrained(output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert len(model.config.user_ids) == 10  # 2 per group x 4 groups seen + 2 unseen adapted
-    rewards = model.score_texts(tokenizer, ["Write a note."] * 2, ["Dear team, hello.", "hey!"], users=model.config.user_ids[0])
+    rewards = model.score_texts(
+        tokenizer, ["Write a note."] * 2, ["Dear team, hello.", "hey!"], users=model.config.user_ids[0]
+    )
     assert rewards.shape == (2,)

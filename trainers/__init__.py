@@ -4,5 +4,4 @@
 from .pal_reward_config import PalRewardConfig
 from .pal_reward_trainer import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardTrainer
 
-
 __all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardConfig", "PalRewardTrainer"]

@@ -56,7 +56,8 @@ class PalRewardConfig(RewardConfig):
         default=1e-5, metadata={"help": "Learning rate of the backbone (when `train_backbone`)."}
     )
     head_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the item map and PAL-B prototype maps (None: learning_rate)."}
+        default=None,
+        metadata={"help": "Learning rate of the item map and PAL-B prototype maps (None: learning_rate)."},
     )
     prototype_learning_rate: float | None = field(
         default=5e-3, metadata={"help": "Learning rate of PAL-A's prototype points."}

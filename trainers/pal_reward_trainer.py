@@ -24,7 +24,6 @@ from pal_rm.modeling_pal import PalRewardModel, format_preference_texts
 
 from .pal_reward_config import PalRewardConfig
 
-
 logger = get_logger(__name__)
 
 PROCESSED_FEATURE_COLUMNS = ("chosen_index", "rejected_index", "prompt_index", "user_index")
@@ -109,13 +108,18 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
             if self.features is None:
                 raise ValueError("Examples hold cached-feature indices but the collator has no `features` table.")
             table = self.features.table
-            rows = [example["chosen_index"] for example in examples] + [example["rejected_index"] for example in examples]
+            rows = [example["chosen_index"] for example in examples] + [
+                example["rejected_index"] for example in examples
+            ]
             output["item_features"] = table[torch.tensor(rows)]
         else:
             sequences = [torch.tensor(example["chosen_ids"]) for example in examples]
             sequences += [torch.tensor(example["rejected_ids"]) for example in examples]
             output["input_ids"] = pad(
-                sequences, padding_value=self.pad_token_id, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of
+                sequences,
+                padding_value=self.pad_token_id,
+                padding_side="right",
+                pad_to_multiple_of=self.pad_to_multiple_of,
             )
             output["attention_mask"] = pad(
                 [torch.ones_like(ids) for ids in sequences],
@@ -432,7 +436,9 @@ class PalRewardTrainer(RewardTrainer):
         chosen, rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
         loss = preference_loss(self.args.loss_type, chosen, rejected, margin)
         if self.args.norm_bound is not None:
-            loss = loss + self.args.norm_bound_coefficient * norm_bound_penalty(outputs.ideal_points, self.args.norm_bound)
+            loss = loss + self.args.norm_bound_coefficient * norm_bound_penalty(
+                outputs.ideal_points, self.args.norm_bound
+            )
         if self.args.center_rewards_coefficient is not None:
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
 
@@ -484,7 +490,9 @@ class PalRewardTrainer(RewardTrainer):
         """TRL's evaluation plus `eval_user_accuracy_mean` / `_min`; the full table is in `self.per_user_accuracy`."""
         self._user_hits = []
         self._current_eval_prefix = metric_key_prefix
-        return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     def train(self, *args, **kwargs):
         """Trains, then sets the model's population mixture to the mean mixture of the training users."""
@@ -588,7 +596,9 @@ class PalRewardTrainer(RewardTrainer):
             )
             accuracy = (difference > 0).float().mean().item()
         model.train(was_training)
-        logger.info(f"Adapted {len(new_users)} new users on {len(processed)} comparisons (train accuracy {accuracy:.3f}).")
+        logger.info(
+            f"Adapted {len(new_users)} new users on {len(processed)} comparisons (train accuracy {accuracy:.3f})."
+        )
         return {"users": new_users, "rows": rows, "loss": per_user.mean().item(), "accuracy": accuracy}
 
 
@@ -599,4 +609,3 @@ def _max_length(tokenizer, model) -> int:
 
 
 __all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardTrainer"]
-

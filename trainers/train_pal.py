@@ -40,7 +40,9 @@ class PalScriptArguments:
     )
     dataset_path: str | None = field(
         default=None,
-        metadata={"help": "Data location for the loader: the persona jsonl folder, or the summary source (Hub id/path)."},
+        metadata={
+            "help": "Data location for the loader: the persona jsonl folder, or the summary source (Hub id/path)."
+        },
     )
     dataset_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments of the loader (a dict in YAML, JSON on the command line)."}
@@ -58,7 +60,9 @@ class PalModelArguments:
 
     model_name_or_path: str = field(
         default=MINILM,
-        metadata={"help": "Backbone: a Hub id, a folder, or 'packaged:<package>/<folder>' (default: packaged MiniLM)."},
+        metadata={
+            "help": "Backbone: a Hub id, a folder, or 'packaged:<package>/<folder>' (default: packaged MiniLM)."
+        },
     )
     variant: str = field(default="b", metadata={"help": "'a' (prototype points) or 'b' (prompt-dependent)."})
     num_prototypes: int = field(default=4, metadata={"help": "Number of prototypes K."})
@@ -132,19 +136,24 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         mixture_temperature=model_args.mixture_temperature,
         **head_kwargs,
     )
-    trainer = PalRewardTrainer(
-        model,
-        training_args,
-        train_dataset=dataset["train"],
-        eval_dataset=dataset["validation"],
-        processing_class=tokenizer,
-    )
-    table = {f"PAL-{model_args.variant.upper()} (K={model_args.num_prototypes})": run_experiment(
-        trainer, dataset, script_args
-    )}
+
+    def make_trainer(model, args, embedding_cache=None):
+        return PalRewardTrainer(
+            model,
+            args,
+            train_dataset=dataset["train"],
+            eval_dataset=dataset["validation"],
+            processing_class=tokenizer,
+            embedding_cache=embedding_cache,
+        )
+
+    trainer = make_trainer(model, training_args)
+    name = f"PAL-{model_args.variant.upper()} (K={model_args.num_prototypes})"
+    table = {name: run_experiment(trainer, dataset, script_args)}
     trainer.save_model(training_args.output_dir)
 
     if script_args.compare_baseline:
+        # One reward for everyone: a single prototype, so every user (seen or not) gets the same reward.
         set_seed(training_args.seed)
         baseline = PalRewardModel.from_backbone(
             backbone_path, variant="a", num_prototypes=1, similarity="dot", **head_kwargs
@@ -152,14 +161,7 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         baseline_args = dataclasses.replace(
             training_args, output_dir=os.path.join(training_args.output_dir, "baseline"), unknown_users="population"
         )
-        baseline_trainer = PalRewardTrainer(
-            baseline,
-            baseline_args,
-            train_dataset=dataset["train"],
-            eval_dataset=dataset["validation"],
-            processing_class=tokenizer,
-            embedding_cache=trainer.embedding_cache,
-        )
+        baseline_trainer = make_trainer(baseline, baseline_args, embedding_cache=trainer.embedding_cache)
         table["Bradley-Terry (one reward for everyone)"] = run_experiment(baseline_trainer, dataset, script_args)
 
     if trainer.accelerator.is_main_process:
@@ -169,8 +171,10 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         print_table(table, dataset)
         output_dir = os.path.abspath(training_args.output_dir)
         print(f"\nSaved to {output_dir} in {time.time() - start:.0f} s. Load it back with:\n")
-        print(f"    import pal_rm; from transformers import AutoModel, AutoTokenizer")
-        print(f"    model = AutoModel.from_pretrained({output_dir!r}); tokenizer = AutoTokenizer.from_pretrained({output_dir!r})")
+        print("    import pal_rm; from transformers import AutoModel, AutoTokenizer")
+        print(
+            f"    model = AutoModel.from_pretrained({output_dir!r}); tokenizer = AutoTokenizer.from_pretrained({output_dir!r})"
+        )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
 

@@ -4,8 +4,8 @@
 Every response is a short workplace note rendered from templates, and has four binary, measurable properties:
 
 - `formal`: formal vocabulary ("Dear colleague, I would like to inform you ...") or casual ("hey, just a heads up ...");
-- `bulleted`: body as `- ` bullet lines or as prose;
-- `long`: five sentences (opener, three points, closer) or two (opener, one point);
+- `bulleted`: body as a lead-in line ("Key points:", "the gist:") and `- ` bullet lines, or as prose;
+- `long`: five sentences (opener, three points, closer; 24 to 45 words) or two (opener, one point; at most 23);
 - `enthusiastic`: exclamation marks and upbeat words ("delighted", "awesome") or plain.
 
 Users belong to groups that value these properties differently (`DEMO_GROUP_PREFERENCES`): group 0 prefers
@@ -19,6 +19,11 @@ for everyone cannot fit them all.
 - Mixture users (`group == -1`) have Dirichlet weights over the groups and the mixed utility. Their pairs are drawn
   among property pairs whose utility gap is at least 10% of the largest gap possible for that user, so no label rests
   on a near-tie.
+
+Responses come from a fixed pool: every (topic, property combination) is rendered `variants_per_style` times (3 by
+default, with random wording, content points and details), so the same notes recur across comparisons and users, as
+in real preference data where several annotators label the same responses; this also keeps the number of distinct
+texts to encode small (about 2,200 prompts and notes with the defaults, all under 46 words).
 
 Leakage: the topics are split (seeded) into disjoint train / validation / test pools first. `train` and
 `unseen_train` use only train topics, `validation` only validation topics, `test` and `unseen_test` only test topics,
@@ -114,63 +119,66 @@ _FACTS = {
 
 # (formal, casual) wording of the same content point
 _POINTS = (
-    ("the {topic} has been scheduled for {day} at {time}", "the {topic} is on {day} at {time}"),
-    ("it will take place in {place}", "it's in {place}"),
-    ("{person} will lead the discussion", "{person} is running it"),
-    ("please review the {doc} beforehand", "take a look at the {doc} before"),
-    ("kindly confirm your availability by {day}", "lmk by {day} if you can make it"),
-    ("attendance is expected from all team members", "everyone should try to come"),
-    ("any questions may be directed to {person}", "ping {person} with questions"),
-    ("the {doc} will be circulated afterwards", "i'll send the {doc} after"),
+    ("it is scheduled for {day} at {time}", "it's on {day} at {time}"),
+    ("it will take place in {place}", "it's happening in {place}"),
+    ("{person} will lead the discussion", "{person} is running the whole thing"),
+    ("please review the {doc} beforehand", "take a look at the {doc} first"),
+    ("kindly confirm your availability by {day}", "let me know by {day} if you can come"),
+    ("attendance is expected from everyone", "everyone should try to come"),
+    ("questions may be directed to {person}", "ping {person} with any questions"),
+    ("the {doc} will be circulated afterwards", "i'll send the {doc} around after"),
 )
 
 # _OPENERS[formal][enthusiastic]
 _OPENERS = {
     True: {
         False: (
-            "Dear colleague, I would like to inform you about the {topic}.",
-            "Good morning. Please note the following regarding the {topic}.",
-            "Dear team, this is a brief update concerning the {topic}.",
-            "Hello, I am writing with an update on the {topic}.",
+            "Dear colleague, I am writing about the {topic}.",
+            "Good morning, please note an update on the {topic}.",
+            "Dear team, here is an update concerning the {topic}.",
+            "Hello, I would like to inform you about the {topic}.",
         ),
         True: (
-            "Dear colleague, I am delighted to share wonderful news about the {topic}!",
-            "Dear team, I am thrilled to announce an update on the {topic}!",
-            "Good morning! It is my great pleasure to share news about the {topic}!",
+            "Dear team, I am delighted to announce the {topic}!",
+            "Good morning! Wonderful news about the {topic}!",
+            "Dear colleague, I am thrilled about the {topic}!",
         ),
     },
     False: {
         False: (
-            "hey, just a heads up about the {topic}.",
-            "hi, quick note on the {topic}.",
-            "yo, update on the {topic}.",
-            "fyi about the {topic}.",
+            "hey, just a quick heads up about the {topic}.",
+            "hi there, quick note on the {topic} for you.",
+            "yo, so here's the latest on the {topic}.",
+            "fyi, a couple of things about the {topic}.",
         ),
         True: (
-            "hey!! awesome news about the {topic}!",
+            "hey!! awesome news about the {topic} coming up!",
             "omg, super exciting update on the {topic}!",
             "hi! great stuff happening with the {topic}!",
-            "woohoo, good news on the {topic}!",
+            "woohoo, some really good news on the {topic}!",
         ),
     },
 }
 _CLOSERS = {
     True: {
         False: ("Thank you for your attention.", "Kind regards.", "Sincerely, the coordination team."),
-        True: ("Thank you, and I look forward to a wonderful session!", "With great enthusiasm and kind regards!"),
+        True: ("Thank you, and I look forward to it!", "With great enthusiasm and kind regards!"),
     },
     False: {
-        False: ("thanks.", "cheers.", "see ya."),
+        False: ("thanks.", "cheers, talk soon.", "see ya."),
         True: ("can't wait, it's gonna be awesome!", "so pumped, see ya there!"),
     },
 }
+
+# the lead-in line of a bulleted note: _LIST_HEADERS[formal]
+_LIST_HEADERS = {True: ("Key points:", "Details:"), False: ("quick rundown:", "the gist:")}
 
 _ALL_PROPERTY_VECTORS = np.array(list(itertools.product((1.0, -1.0), repeat=len(DEMO_PROPERTIES))))
 _MIN_RELATIVE_MARGIN = 0.1
 _SHORT_POINTS, _LONG_POINTS = 1, 3
 
 # randomness streams
-_TOPIC_STREAM, _USER_STREAM, _UNSEEN_STREAM = 0, 1, 2
+_TOPIC_STREAM, _USER_STREAM, _UNSEEN_STREAM, _RESPONSE_STREAM = 0, 1, 2, 3
 
 
 def _weight_matrix(num_groups: int) -> np.ndarray:
@@ -179,8 +187,9 @@ def _weight_matrix(num_groups: int) -> np.ndarray:
     )
 
 
-def _render_response(rng: np.random.Generator, properties: np.ndarray, topic: str, facts: dict[str, str]) -> str:
+def _render_response(rng: np.random.Generator, properties: np.ndarray, topic: str) -> str:
     formal, bulleted, long, enthusiastic = (bool(value > 0) for value in properties)
+    facts = {name: values[rng.integers(len(values))] for name, values in _FACTS.items()}
     opener = _OPENERS[formal][enthusiastic][rng.integers(len(_OPENERS[formal][enthusiastic]))]
     num_points = _LONG_POINTS if long else _SHORT_POINTS
     point_ids = rng.choice(len(_POINTS), size=num_points, replace=False)
@@ -193,6 +202,7 @@ def _render_response(rng: np.random.Generator, properties: np.ndarray, topic: st
         points.append(text + end)
     lines = [opener.format(topic=topic)]
     if bulleted:
+        lines.append(_LIST_HEADERS[formal][rng.integers(len(_LIST_HEADERS[formal]))])
         lines.extend("- " + point for point in points)
     else:
         lines[0] = " ".join([lines[0], *points])
@@ -203,6 +213,24 @@ def _render_response(rng: np.random.Generator, properties: np.ndarray, topic: st
         else:
             lines[0] += " " + closer
     return "\n".join(lines)
+
+
+def _response_pool(seed: int, variants_per_style: int) -> dict[str, list[list[str]]]:
+    """`pool[topic][style][variant]`: the notes of every topic and property combination (style), rendered once."""
+    rng = rng_for(seed, _RESPONSE_STREAM)
+    pool = {}
+    for topic in _TOPICS:
+        pool[topic] = []
+        for properties in _ALL_PROPERTY_VECTORS:
+            variants: list[str] = []
+            for _ in range(100 * variants_per_style):  # distinct renderings; the template space is far larger
+                text = _render_response(rng, properties, topic)
+                if text not in variants:
+                    variants.append(text)
+                if len(variants) == variants_per_style:
+                    break
+            pool[topic].append(variants)
+    return pool
 
 
 def _eligible_pairs(weights: np.ndarray, key_property: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +255,7 @@ def _user_rows(
     weight_matrix: np.ndarray,
     topics: tuple[str, ...],
     num_pairs: int,
+    pool: dict[str, list[list[str]]],
 ) -> list[dict]:
     utility_weights = weights @ weight_matrix
     key_property = DEMO_PROPERTIES.index(DEMO_GROUP_PREFERENCES[group]["key_property"]) if group >= 0 else None
@@ -237,9 +266,11 @@ def _user_rows(
         utilities = [float(p @ utility_weights) for p in properties]
         winner = 0 if utilities[0] > utilities[1] else 1
         topic = topics[rng.integers(len(topics))]
-        facts = {name: values[rng.integers(len(values))] for name, values in _FACTS.items()}
         prompt = _PROMPT_TEMPLATES[rng.integers(len(_PROMPT_TEMPLATES))].format(topic=topic)
-        texts = [_render_response(rng, p, topic, facts) for p in properties]
+        texts = []
+        for style in (first[pair_id], second[pair_id]):
+            variants = pool[topic][style]
+            texts.append(variants[rng.integers(len(variants))])
         row = {
             "user_id": user_id,
             "prompt": prompt,
@@ -279,6 +310,7 @@ def load_demo_preferences(
     validation_fraction: float = 0.1,
     test_fraction: float = 0.2,
     dirichlet_alpha: float = 1.0,
+    variants_per_style: int = 3,
     seed: int = 0,
 ) -> DatasetDict:
     """Build the offline demo preference dataset (see the module docstring for the construction).
@@ -296,6 +328,8 @@ def load_demo_preferences(
         validation_fraction (`float`, defaults to 0.1), test_fraction (`float`, defaults to 0.2): shares of each seen
             user's comparisons, and of the topics, given to the validation and test splits.
         dirichlet_alpha (`float`, defaults to 1.0): concentration of the mixture users' Dirichlet weights.
+        variants_per_style (`int`, defaults to 3): renderings of each (topic, property combination) in the response
+            pool: 48 topics x 16 combinations x 3 = 2,304 distinct notes, reused across comparisons and users.
         seed (`int`, defaults to 0): the output is a deterministic function of the arguments.
 
     Returns:
@@ -327,6 +361,7 @@ def load_demo_preferences(
     unseen_shots = check_int("unseen_shots", unseen_shots)
     unseen_test_pairs = check_int("unseen_test_pairs", unseen_test_pairs)
     dirichlet_alpha = check_positive_float("dirichlet_alpha", dirichlet_alpha)
+    variants_per_style = check_int("variants_per_style", variants_per_style, minimum=1)
     seed = check_seed(seed)
     check_fractions(validation_fraction, test_fraction)
     num_seen_users = num_groups * users_per_group + num_mixture_users
@@ -347,6 +382,7 @@ def load_demo_preferences(
             "`unseen_test_pairs=0`."
         )
     weight_matrix = _weight_matrix(num_groups)
+    pool = _response_pool(seed, variants_per_style)
 
     rows = {split: [] for split in ("train", "validation", "test", "unseen_train", "unseen_test")}
     seen_groups = [g for g in range(num_groups) for _ in range(users_per_group)] + [-1] * num_mixture_users
@@ -354,7 +390,7 @@ def load_demo_preferences(
         rng = rng_for(seed, _USER_STREAM, index)
         weights = one_hot(group, num_groups) if group >= 0 else mixture_weights(rng, num_groups, dirichlet_alpha)
         for split, topics, count in zip(("train", "validation", "test"), pools, sizes):
-            rows[split] += _user_rows(rng, f"user_{index:03d}", group, weights, weight_matrix, topics, count)
+            rows[split] += _user_rows(rng, f"user_{index:03d}", group, weights, weight_matrix, topics, count, pool)
 
     num_unseen_mixture = unseen_mixture_count(num_unseen_users, num_mixture_users, num_seen_users)
     unseen_groups = [i % num_groups for i in range(num_unseen_users - num_unseen_mixture)] + [-1] * num_unseen_mixture
@@ -362,8 +398,10 @@ def load_demo_preferences(
         rng = rng_for(seed, _UNSEEN_STREAM, index)
         weights = one_hot(group, num_groups) if group >= 0 else mixture_weights(rng, num_groups, dirichlet_alpha)
         user_id = f"unseen_user_{index:03d}"
-        rows["unseen_train"] += _user_rows(rng, user_id, group, weights, weight_matrix, pools[0], unseen_shots)
-        rows["unseen_test"] += _user_rows(rng, user_id, group, weights, weight_matrix, pools[2], unseen_test_pairs)
+        rows["unseen_train"] += _user_rows(rng, user_id, group, weights, weight_matrix, pools[0], unseen_shots, pool)
+        rows["unseen_test"] += _user_rows(
+            rng, user_id, group, weights, weight_matrix, pools[2], unseen_test_pairs, pool
+        )
 
     logger.info(
         f"Demo preferences: {num_seen_users} seen users, {num_unseen_users} unseen users, topics split "

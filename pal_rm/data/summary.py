@@ -392,6 +392,11 @@ def load_summary_preferences(
         (worker for worker, count in unseen_counts.items() if count >= min_unseen_comparisons),
         key=lambda worker: (-unseen_counts[worker], worker),
     )
+    if not unseen:
+        logger.warning(
+            f"No validation-split worker outside the seen users has >= {min_unseen_comparisons} comparisons: the "
+            "unseen splits are empty."
+        )
     if unseen_minority_workers is not None:
         unknown = sorted(set(unseen_minority_workers) - set(unseen))
         if unknown:
