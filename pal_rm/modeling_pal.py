@@ -509,9 +509,11 @@ class PalRewardModel(PalPreTrainedModel):
         items = self._features(item_features, input_ids, attention_mask, token_type_ids, "item")
         if items is None:
             raise ValueError("Pass the sequences to score as `input_ids` (with `attention_mask`) or `item_features`.")
-        prompts = self._features(
-            prompt_features, prompt_input_ids, prompt_attention_mask, prompt_token_type_ids, "prompt"
-        )
+        prompts = None
+        if self.config.variant == "b":  # PAL-A's ideal points do not depend on the prompt
+            prompts = self._features(
+                prompt_features, prompt_input_ids, prompt_attention_mask, prompt_token_type_ids, "prompt"
+            )
         if self.config.variant == "b" and prompts is None:
             raise ValueError(PAL_B_NEEDS_PROMPT)
         weights = self.resolve_mixture_weights(user_ids, mixture_weights, items.shape[0])
@@ -615,15 +617,18 @@ class PalRewardModel(PalPreTrainedModel):
             user_rows = self.user_rows(users, unknown_users=unknown_users)
         else:
             user_rows = None
-        unique_texts = list(dict.fromkeys([text for pair in pairs for text in pair]))
+        use_prompts = self.config.variant == "b"
+        unique_texts = list(
+            dict.fromkeys([text for prompt, item in pairs for text in ((prompt, item) if use_prompts else (item,))])
+        )
         index = {text: i for i, text in enumerate(unique_texts)}
         features = self.encode_texts(tokenizer, unique_texts, batch_size=batch_size, max_length=max_length)
         device = self.item_head.layers[-1].weight.device
         item_features = features[[index[item] for _, item in pairs]].to(device)
-        prompt_features = features[[index[prompt] for prompt, _ in pairs]].to(device)
+        prompt_features = features[[index[prompt] for prompt, _ in pairs]].to(device) if use_prompts else None
         output = self(
             item_features=item_features,
-            prompt_features=prompt_features if self.config.variant == "b" else None,
+            prompt_features=prompt_features,
             user_ids=user_rows,
             mixture_weights=mixture_weights,
         )
