@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 
 from .configuration_pal import PalConfig
 from .modeling_pal import PalPreTrainedModel, PalRewardModel, PalRewardModelOutput
+from .rewards import PalRewardFunction
 
 __version__ = "0.1.0"
 
@@ -12,4 +13,4 @@ AutoConfig.register(PalConfig.model_type, PalConfig, exist_ok=True)
 AutoModel.register(PalConfig, PalRewardModel, exist_ok=True)
 AutoModelForSequenceClassification.register(PalConfig, PalRewardModel, exist_ok=True)
 
-__all__ = ["PalConfig", "PalPreTrainedModel", "PalRewardModel", "PalRewardModelOutput"]
+__all__ = ["PalConfig", "PalPreTrainedModel", "PalRewardFunction", "PalRewardModel", "PalRewardModelOutput"]

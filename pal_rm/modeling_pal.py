@@ -174,6 +174,8 @@ class PalRewardModel(PalPreTrainedModel):
         else:
             self.logit_scale = None
         self.register_buffer("population_mixture", torch.empty(config.num_prototypes), persistent=True)
+        # What single-sequence entry points score for when no user is given (see `set_default_mixture`).
+        self.default_mixture: torch.Tensor | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -403,7 +405,8 @@ class PalRewardModel(PalPreTrainedModel):
                 )
             return self._tile(weights, batch_size, "mixture_weights")
         if user_ids is None:
-            return self.population_mixture.unsqueeze(0).expand(batch_size, -1)
+            default = self.default_mixture if self.default_mixture is not None else self.population_mixture
+            return default.to(device).unsqueeze(0).expand(batch_size, -1)
         if isinstance(user_ids, str):
             user_ids = [user_ids]
         if not isinstance(user_ids, torch.Tensor):
@@ -520,6 +523,40 @@ class PalRewardModel(PalPreTrainedModel):
         output = self.rewards_from_features(items, prompts, weights)
         return output if return_dict else output.to_tuple()
 
+    def set_default_mixture(self, user_id: str | None = None, mixture_weights=None) -> None:
+        """
+        Chooses what rows without a user are scored for: a registered user's mixture, an explicit point of the simplex,
+        or (both `None`) the population mixture again. This is how single-sequence entry points (`pipeline`, TRL's
+        model-as-reward path, PPO's `score`) score for one user. It is a runtime setting, not saved with the model.
+        """
+        if user_id is not None and mixture_weights is not None:
+            raise ValueError("Pass either `user_id` or `mixture_weights`, not both.")
+        if user_id is not None:
+            row = self.user_rows([user_id])
+            self.default_mixture = self.resolve_mixture_weights(row, None, 1)[0].detach()
+        elif mixture_weights is not None:
+            self.default_mixture = self.resolve_mixture_weights(None, mixture_weights, 1)[0].detach()
+        else:
+            self.default_mixture = None
+
+    def score(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """
+        The classic PPO reward-head contract (`trl.experimental.utils.get_reward`): per-token rewards `(batch, length,
+        1)` from the backbone's last hidden states, where position t holds the reward of the sequence ending at t.
+        Exact for PAL-A with `pooling="last"`; scores for the default mixture (see `set_default_mixture`).
+        """
+        if self.config.variant == "b":
+            raise ValueError(PAL_B_NEEDS_PROMPT)
+        if self.config.pooling != "last":
+            raise ValueError(
+                f"`score(hidden_states)` rewards every token as the end of a sequence, which matches the model only for "
+                f"`pooling='last'` (this model pools with {self.config.pooling!r}). Use `forward` or `score_texts`."
+            )
+        embeddings = self.item_head(hidden_states.to(self.item_head.layers[-1].weight.dtype))
+        weights = self.resolve_mixture_weights(None, None, 1)[0].to(embeddings.dtype)
+        ideal_point = weights @ self.prototypes
+        return self.similarity(embeddings, ideal_point).unsqueeze(-1)
+
     # ------------------------------------------------------------------ text API
     def _check_tokenizer(self, tokenizer) -> None:
         vocab_size = getattr(self.config.get_text_config(), "vocab_size", None)
@@ -592,11 +629,13 @@ class PalRewardModel(PalPreTrainedModel):
         max_length: int | None = None,
         unknown_users: str = "error",
         return_prototype_rewards: bool = False,
+        allow_empty_responses: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
         Rewards `(N,)` of `responses[i]` to `prompts[i]` for `users[i]` (a registered id; `None`: the population), for
         one user for every row (`users="alice"`), for an explicit mixture, or for the population mixture.
-        Prompts and responses are plain strings or conversations (lists of `{"role", "content"}` messages).
+        Prompts and responses are plain strings or conversations (lists of `{"role", "content"}` messages). An empty
+        response is an error unless `allow_empty_responses=True` (a policy may generate one during RL).
 
         Example:
 
@@ -607,7 +646,10 @@ class PalRewardModel(PalPreTrainedModel):
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"Got {len(prompts)} prompts and {len(responses)} responses; they must pair up.")
-        pairs = [format_preference_texts(tokenizer, p, r, row=i) for i, (p, r) in enumerate(zip(prompts, responses))]
+        pairs = [
+            format_preference_texts(tokenizer, p, r, row=i, allow_empty=allow_empty_responses)
+            for i, (p, r) in enumerate(zip(prompts, responses))
+        ]
         if isinstance(users, str):
             users = [users] * len(pairs)
         if users is not None:
@@ -660,7 +702,7 @@ def _is_conversation(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
-def format_preference_texts(tokenizer, prompt, response, row=None) -> tuple[str, str]:
+def format_preference_texts(tokenizer, prompt, response, row=None, allow_empty: bool = False) -> tuple[str, str]:
     """
     `(prompt_text, item_text)` for one response: the item is the prompt followed by the response, as the backbone
     reads it (TRL's convention; the EOS token is appended to plain text when the tokenizer has one). Conversations are
@@ -675,7 +717,7 @@ def format_preference_texts(tokenizer, prompt, response, row=None) -> tuple[str,
                 f"Prompt and response must both be conversations or both be strings{where}, got "
                 f"{type(prompt).__name__} and {type(response).__name__}."
             )
-        if not response or not any(str(m["content"]).strip() for m in response):
+        if not allow_empty and (not response or not any(str(m["content"]).strip() for m in response)):
             raise ValueError(f"Empty response{where}: every response needs some text.")
         prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True) if prompt else ""
         return prompt_text, render_messages(tokenizer, prompt + response)
@@ -684,7 +726,7 @@ def format_preference_texts(tokenizer, prompt, response, row=None) -> tuple[str,
             f"Prompt and response must be strings or lists of messages{where}, got {type(prompt).__name__} and "
             f"{type(response).__name__}."
         )
-    if not response.strip():
+    if not allow_empty and not response.strip():
         raise ValueError(f"Empty response{where}: every response needs some text.")
     item = prompt + response
     eos = getattr(tokenizer, "eos_token", None)
