@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 
@@ -43,7 +42,9 @@ def best_of_n(
     """
     prompts, candidates = list(prompts), [list(group) for group in candidates]
     if len(prompts) != len(candidates):
-        raise ValueError(f"Got {len(prompts)} prompts and {len(candidates)} candidate lists; give one list per prompt.")
+        raise ValueError(
+            f"Got {len(prompts)} prompts and {len(candidates)} candidate lists; give one list per prompt."
+        )
     sizes = {len(group) for group in candidates}
     if not candidates or min(sizes) == 0:
         raise ValueError("Best-of-n needs n >= 1 candidates for every prompt; got an empty candidate list.")
@@ -69,7 +70,10 @@ def best_of_n(
     ).view(len(prompts), n)
     index = rewards.argmax(dim=1).tolist()
     return BestOfNOutput(
-        best=[group[i] for group, i in zip(candidates, index)], best_index=index, rewards=rewards, candidates=candidates
+        best=[group[i] for group, i in zip(candidates, index)],
+        best_index=index,
+        rewards=rewards,
+        candidates=candidates,
     )
 
 
@@ -102,7 +106,9 @@ def sample_and_rerank(
             text = policy_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         else:
             text = prompt
-        encoded = policy_tokenizer(text, return_tensors="pt", add_special_tokens=not isinstance(prompt, list)).to(device)
+        encoded = policy_tokenizer(text, return_tensors="pt", add_special_tokens=not isinstance(prompt, list)).to(
+            device
+        )
         with torch.no_grad():
             output = policy.generate(**encoded, pad_token_id=policy_tokenizer.pad_token_id, **generation_kwargs)
         texts = policy_tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)

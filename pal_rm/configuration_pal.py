@@ -67,6 +67,8 @@ class PalConfig(PretrainedConfig):
         user_ids (`list[str]`, *optional*, defaults to `[]`):
             The user registry: row `i` of the user table belongs to `user_ids[i]`. Grow it with
             [`PalRewardModel.add_users`].
+        hashed_user_ids (`bool`, *optional*, defaults to `False`):
+            Whether `user_ids` holds salted hashes of the user ids (see `pal_rm.hub.push_to_hub(hash_user_ids=True)`).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the user logits.
 
@@ -101,6 +103,7 @@ class PalConfig(PretrainedConfig):
         logit_scale_max: float = 100.0,
         feature_dim=None,
         user_ids=None,
+        hashed_user_ids: bool = False,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -172,6 +175,7 @@ class PalConfig(PretrainedConfig):
         self.logit_scale_max = float(logit_scale_max)
         self.feature_dim = feature_dim
         self.user_ids = user_ids
+        self.hashed_user_ids = bool(hashed_user_ids)
         self.initializer_range = initializer_range
 
         kwargs["num_labels"] = 1

@@ -1,7 +1,8 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
-"""Model cards for PAL checkpoints."""
+"""Model cards and Hub uploads for PAL checkpoints."""
 
 import os
+import tempfile
 
 from transformers.utils import logging
 
@@ -54,7 +55,7 @@ def create_model_card(
         else f"none: the model scores pooled features of width {config.hidden_size}"
     )
     load_path = repo_id or "path/to/this/checkpoint"
-    example_user = config.user_ids[0] if config.user_ids else "alice"
+    example_user = config.user_ids[0] if config.user_ids and not config.hashed_user_ids else "alice"
     variant_text = (
         "PAL-A: the K prototypes are points of the preference space; the reward depends on the response."
         if config.variant == "a"
@@ -86,7 +87,7 @@ K numbers, and a new user is fitted from a few comparisons.
 | variant | {variant_text} |
 | prototypes (K) | {config.num_prototypes} |
 | preference dimension | {config.preference_dim} |
-| registered users | {config.num_users} |
+| registered users | {config.num_users}{" (ids stored as salted hashes)" if config.hashed_user_ids else ""} |
 | training data | {dataset_name or "not recorded"} |
 
 ## Evaluation
@@ -139,4 +140,87 @@ def save_model_card(model, folder: str, **kwargs) -> str:
     return path
 
 
-__all__ = ["CITATION", "create_model_card", "save_model_card"]
+def save_upload_folder(
+    model,
+    tokenizer,
+    folder: str,
+    eval_results: dict | None = None,
+    dataset_name: str | None = None,
+    repo_id: str | None = None,
+    hash_user_ids: bool = False,
+    salt: str | None = None,
+    license: str = "apache-2.0",
+) -> str:
+    """
+    Writes everything [`push_to_hub`] sends to `folder`: the weights (safetensors), the config with its `auto_map`, the
+    two code files, the tokenizer and the model card. With `hash_user_ids=True`, the registry is written as salted
+    hashes of the ids (`salt` required): the raw ids appear in no file; score by raw id after
+    `model.set_user_id_salt(salt)`. The model passed in is left unchanged.
+    """
+    from .modeling_pal import hash_user_id
+
+    config = model.config
+    raw_ids, raw_flag = list(config.user_ids), config.hashed_user_ids
+    if hash_user_ids:
+        if not salt:
+            raise ValueError("`hash_user_ids=True` needs a `salt` (a secret string kept apart from the checkpoint).")
+        if not raw_flag:
+            config.user_ids = [hash_user_id(user, salt) for user in raw_ids]
+            config.hashed_user_ids = True
+    try:
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        save_model_card(
+            model, folder, eval_results=eval_results, dataset_name=dataset_name, repo_id=repo_id, license=license
+        )
+    finally:
+        config.user_ids, config.hashed_user_ids = raw_ids, raw_flag
+    return folder
+
+
+def push_to_hub(
+    model,
+    tokenizer,
+    repo_id: str,
+    eval_results: dict | None = None,
+    dataset_name: str | None = None,
+    hash_user_ids: bool = False,
+    salt: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload PAL reward model",
+    license: str = "apache-2.0",
+):
+    """
+    Uploads a PAL model to the Hub as one commit: weights, config with `auto_map`, the two code files, the tokenizer
+    and a model card generated from the model (see [`save_upload_folder`]). Returns the commit info.
+
+    Example:
+
+    ```python
+    >>> from pal_rm.hub import push_to_hub
+    >>> push_to_hub(model, tokenizer, "my-org/pal-summary", eval_results={"seen_accuracy": 0.9}, hash_user_ids=True,
+    ...             salt=os.environ["PAL_USER_SALT"])
+    ```
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        save_upload_folder(
+            model,
+            tokenizer,
+            folder,
+            eval_results=eval_results,
+            dataset_name=dataset_name,
+            repo_id=repo_id,
+            hash_user_ids=hash_user_ids,
+            salt=salt,
+            license=license,
+        )
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
+
+
+__all__ = ["CITATION", "create_model_card", "push_to_hub", "save_model_card", "save_upload_folder"]

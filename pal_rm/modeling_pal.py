@@ -313,6 +313,15 @@ class PalRewardModel(PalPreTrainedModel):
         if unknown_users not in ("error", "population"):
             raise ValueError(f"`unknown_users` must be 'error' or 'population', got {unknown_users!r}.")
         registry = {user: row for row, user in enumerate(self.config.user_ids)}
+        salt = getattr(self, "user_id_salt", None)
+        hashed = getattr(self.config, "hashed_user_ids", False)
+        if hashed and salt is None and any(user is not None and user not in registry for user in user_ids):
+            raise KeyError(
+                "This model's user registry holds salted hashes of the user ids, not the ids. Call "
+                "`model.set_user_id_salt(salt)` with the salt used when it was saved to score users by their raw ids."
+            )
+        if hashed and salt is not None:
+            user_ids = [user if user is None or user in registry else hash_user_id(user, salt) for user in user_ids]
         rows = []
         for index, user in enumerate(user_ids):
             if user is None:
@@ -330,6 +339,10 @@ class PalRewardModel(PalPreTrainedModel):
                     "`unknown_users='population'` to score unknown users with the population mixture."
                 )
         return torch.tensor(rows, dtype=torch.long, device=self.user_weights.weight.device)
+
+    def set_user_id_salt(self, salt: str | None) -> None:
+        """Lets a model whose registry holds salted hashes (`config.hashed_user_ids`) be scored by raw user ids."""
+        self.user_id_salt = salt
 
     @torch.no_grad()
     def refresh_population_mixture(self, rows: Sequence[int] | None = None) -> torch.Tensor:
@@ -678,6 +691,13 @@ class PalRewardModel(PalPreTrainedModel):
         if return_prototype_rewards:
             return rewards, output.prototype_rewards.float().cpu()
         return rewards
+
+
+def hash_user_id(user_id: str, salt: str) -> str:
+    """The salted hash that replaces `user_id` in a registry saved with hashed user ids."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(f"{salt}\x00{user_id}".encode()).hexdigest()[:32]
 
 
 def _default_max_length(tokenizer, config) -> int:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 import torch
 from transformers.utils import logging
 
-
 logger = logging.get_logger(__name__)
 
 
@@ -81,7 +80,9 @@ class PalRewardFunction:
                 )
             users = list(users)
             if len(users) != len(completions):
-                raise ValueError(f"Column {self.user_column!r} has {len(users)} values for {len(completions)} completions.")
+                raise ValueError(
+                    f"Column {self.user_column!r} has {len(users)} values for {len(completions)} completions."
+                )
         with torch.inference_mode():
             rewards = self.model.score_texts(
                 self.tokenizer,

@@ -54,11 +54,24 @@ def test_bad_input(reward_model, tokenizer):
 def test_sample_and_rerank_with_a_causal_lm(reward_model, tokenizer):
     torch.manual_seed(0)
     policy = GPT2LMHeadModel(
-        GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-                   eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        GPT2Config(
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            vocab_size=len(tokenizer),
+            n_positions=64,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.eos_token_id,
+        )
     ).eval()
     output = sample_and_rerank(
-        policy, tokenizer, reward_model, tokenizer, ["hello world", "what is this"], n=4, users="alice",
+        policy,
+        tokenizer,
+        reward_model,
+        tokenizer,
+        ["hello world", "what is this"],
+        n=4,
+        users="alice",
         generation_kwargs={"max_new_tokens": 4, "min_new_tokens": 1},
     )
     assert output.rewards.shape == (2, 4) and len(output.candidates[0]) == 4

@@ -3,7 +3,6 @@ import torch
 from conftest import tiny_model
 from trl.experimental.utils import get_reward
 
-
 PAD = 0
 
 

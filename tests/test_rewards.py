@@ -8,7 +8,6 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from pal_rm import PalRewardFunction
 
-
 WORDS = "hello world yes no the quick brown fox jumps over a lazy dog what is this say something nice please"
 PROMPT_USER = {"say something nice": "alice", "what is this": "bob", "hello world": "alice", "please say yes": "bob"}
 
@@ -99,8 +98,14 @@ def test_bad_input(tokenizer):
 def tiny_policy(tokenizer):
     torch.manual_seed(0)
     config = GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return GPT2LMHeadModel(config)
 
