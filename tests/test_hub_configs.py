@@ -1,0 +1,35 @@
+import glob
+import os
+import sys
+
+import pytest
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(REPO, "hub_configs", "*.yaml")))
+
+
+def parser():
+    sys.path.insert(0, os.path.join(REPO, "trainers"))
+    try:
+        from train_pal import make_parser
+    finally:
+        sys.path.pop(0)
+    return make_parser()
+
+
+def test_every_published_checkpoint_has_a_recipe():
+    names = {os.path.basename(path) for path in RECIPES}
+    assert {"pal-demo.yaml", "pal-persona.yaml", "pal-summary.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_recipe_parses_with_the_real_parser(recipe):
+    script_args, model_args, training_args = parser().parse_args_and_config(["--config", recipe])
+    name = os.path.basename(recipe).removesuffix(".yaml")
+    assert training_args.hub_model_id.endswith("/" + name)  # names the Hub repo it publishes to
+    assert script_args.dataset_name in {"demo", "persona", "summary"}
+    assert model_args.variant in {"a", "b"} and model_args.num_prototypes >= 1
+    assert not training_args.train_backbone
+    if script_args.dataset_name != "demo":
+        assert script_args.dataset_path  # persona needs its folder, summary its source
