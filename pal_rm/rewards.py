@@ -29,6 +29,13 @@ class PalRewardFunction:
         mixture (`Sequence[float]`, *optional*): score every completion for this point of the simplex instead of users.
         unknown_users (`str`, *optional*, defaults to `"error"`): `"population"` scores unregistered users with the
             population mixture instead of raising.
+        max_length (`int`, *optional*): truncation length of the backbone (default: the backbone's limit).
+        prompt_column (`str`, *optional*): score each completion against this dataset column's text instead of the
+            policy's prompt, for a reward model trained on prompts written differently from the policy's (for example
+            plain-text requests while the policy gets chat messages). Conversational completions are then scored on
+            their text content.
+        name (`str`, *optional*, defaults to `"pal_reward"`): the name TRL logs this reward under
+            (`rewards/<name>/mean`); give each of several PAL reward functions its own.
 
     Example:
 
@@ -48,6 +55,8 @@ class PalRewardFunction:
         mixture: Sequence[float] | None = None,
         unknown_users: str = "error",
         max_length: int | None = None,
+        prompt_column: str | None = None,
+        name: str = "pal_reward",
     ):
         if not hasattr(model, "score_texts"):
             raise TypeError(f"`model` must be a PalRewardModel, got {type(model).__name__}.")
@@ -64,7 +73,8 @@ class PalRewardFunction:
         self.mixture = mixture
         self.unknown_users = unknown_users
         self.max_length = max_length
-        self.__name__ = "pal_reward"
+        self.prompt_column = prompt_column
+        self.__name__ = name
 
     def __call__(self, prompts: Sequence, completions: Sequence, **columns) -> list[float]:
         if len(prompts) != len(completions):
@@ -83,11 +93,20 @@ class PalRewardFunction:
                 raise ValueError(
                     f"Column {self.user_column!r} has {len(users)} values for {len(completions)} completions."
                 )
+        prompts, completions = list(prompts), list(completions)
+        if self.prompt_column is not None:
+            if self.prompt_column not in columns:
+                raise ValueError(
+                    f"The batch has no {self.prompt_column!r} column (the `prompt_column` of this reward function). "
+                    f"Columns: {sorted(columns)}."
+                )
+            prompts = list(columns[self.prompt_column])
+            completions = [_text_content(completion) for completion in completions]
         with torch.inference_mode():
             rewards = self.model.score_texts(
                 self.tokenizer,
-                list(prompts),
-                list(completions),
+                prompts,
+                completions,
                 users=users,
                 mixture_weights=self.mixture,
                 batch_size=self.batch_size,
@@ -100,6 +119,13 @@ class PalRewardFunction:
     def __repr__(self) -> str:
         target = f"mixture={self.mixture}" if self.mixture is not None else f"user_column={self.user_column!r}"
         return f"PalRewardFunction({type(self.model).__name__}, {target})"
+
+
+def _text_content(completion) -> str:
+    """The text of a completion: itself when it is a string, the joined message contents of a conversation."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content", "")) for message in completion)
 
 
 __all__ = ["PalRewardFunction"]

