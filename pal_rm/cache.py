@@ -131,4 +131,61 @@ class EmbeddingCache:
         return torch.stack([store[key] for key in keys])
 
 
-__all__ = ["EmbeddingCache", "backbone_hash"]
+def featurize_preferences(
+    dataset,
+    model,
+    tokenizer,
+    cache: EmbeddingCache | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    show_progress: bool = True,
+):
+    """
+    Replaces the texts of a preference dataset by the frozen backbone's pooled features, so that PAL heads (a
+    `PalRewardModel` built with `PalConfig(feature_dim=...)` and no backbone) and feature-based baselines train on
+    exactly the features a frozen-backbone `PalRewardTrainer` would compute.
+
+    `dataset` is a `Dataset` or `DatasetDict` with `prompt`, `chosen` and `rejected` (plain text or conversations,
+    formatted as the trainer formats them). The result has `chosen_features`, `rejected_features` and
+    `prompt_features` in place of the texts; every other column is kept. Each unique text is encoded once (across all
+    splits), through `cache`.
+    """
+    from datasets import Dataset, DatasetDict
+
+    from .modeling_pal import format_preference_texts
+
+    if model.backbone is None:
+        raise ValueError("`featurize_preferences` needs a model with a backbone to encode the texts.")
+    splits = dataset if isinstance(dataset, DatasetDict) else {"data": dataset}
+    formatted = {}
+    for name, split in splits.items():
+        missing = [column for column in ("prompt", "chosen", "rejected") if column not in split.column_names]
+        if missing:
+            raise ValueError(f"The {name} split has no {missing} column(s): it needs prompt, chosen and rejected.")
+        rows = []
+        for row, example in enumerate(split):
+            prompt_text, chosen_text = format_preference_texts(
+                tokenizer, example["prompt"], example["chosen"], row=row
+            )
+            _, rejected_text = format_preference_texts(tokenizer, example["prompt"], example["rejected"], row=row)
+            rows.append((prompt_text, chosen_text, rejected_text))
+        formatted[name] = rows
+    texts = list(dict.fromkeys(text for rows in formatted.values() for row in rows for text in row))
+    cache = cache if cache is not None else EmbeddingCache()
+    features = cache.encode(
+        model, tokenizer, texts, batch_size=batch_size, max_length=max_length, show_progress=show_progress
+    ).numpy()
+    index = {text: i for i, text in enumerate(texts)}
+    output = {}
+    for name, split in splits.items():
+        rows = formatted[name]
+        columns = {
+            column: split[column] for column in split.column_names if column not in ("prompt", "chosen", "rejected")
+        }
+        for position, column in enumerate(("prompt_features", "chosen_features", "rejected_features")):
+            columns[column] = features[[index[row[position]] for row in rows]].tolist() if rows else []
+        output[name] = Dataset.from_dict(columns)
+    return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
+
+
+__all__ = ["EmbeddingCache", "backbone_hash", "featurize_preferences"]

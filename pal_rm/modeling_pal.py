@@ -285,13 +285,14 @@ class PalRewardModel(PalPreTrainedModel):
         """
         if isinstance(user_ids, str):
             user_ids = [user_ids]
-        registry = {user: row for row, user in enumerate(self.config.user_ids)}
-        new_users = []
+        registry = self._user_registry()
+        new_users = {}
         for user in user_ids:
             if not isinstance(user, str) or not user:
                 raise ValueError(f"User ids must be non-empty strings, got {user!r}.")
-            if user not in registry and user not in new_users:
-                new_users.append(user)
+            if user not in registry:
+                new_users[user] = None
+        new_users = list(new_users)
         if new_users:
             old = self.user_weights
             table = nn.Embedding(old.num_embeddings + len(new_users), self.config.num_prototypes)
@@ -302,8 +303,17 @@ class PalRewardModel(PalPreTrainedModel):
             table.weight.requires_grad_(old.weight.requires_grad)
             self.user_weights = table
             self.config.user_ids = list(self.config.user_ids) + new_users
-        registry = {user: row for row, user in enumerate(self.config.user_ids)}
+        registry = self._user_registry()
         return [registry[user] for user in user_ids]
+
+    def _user_registry(self) -> dict[str, int]:
+        """`{user id: row}`, rebuilt only when `config.user_ids` changes (lookups stay O(1) with millions of users)."""
+        ids = self.config.user_ids
+        cached = self.__dict__.get("_registry_cache")
+        if cached is None or cached[0] is not ids or cached[1] != len(ids):
+            cached = (ids, len(ids), {user: row for row, user in enumerate(ids)})
+            self.__dict__["_registry_cache"] = cached
+        return cached[2]
 
     def user_rows(self, user_ids: Sequence[str | None], unknown_users: str = "error") -> torch.LongTensor:
         """
@@ -312,7 +322,7 @@ class PalRewardModel(PalPreTrainedModel):
         """
         if unknown_users not in ("error", "population"):
             raise ValueError(f"`unknown_users` must be 'error' or 'population', got {unknown_users!r}.")
-        registry = {user: row for row, user in enumerate(self.config.user_ids)}
+        registry = self._user_registry()
         salt = getattr(self, "user_id_salt", None)
         hashed = getattr(self.config, "hashed_user_ids", False)
         if hashed and salt is None and any(user is not None and user not in registry for user in user_ids):

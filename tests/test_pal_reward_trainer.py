@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import tiny_model
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from pal_rm.cache import EmbeddingCache
 from pal_rm.trainers import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardConfig, PalRewardTrainer
@@ -226,6 +226,67 @@ def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_pat
     unseen = trainer.evaluate(demo_dataset["unseen_test"], metric_key_prefix="unseen")
     assert unseen["unseen_accuracy"] > 0.75, unseen
     assert trainer.adapt_users(demo_dataset["unseen_train"])["users"] == []  # nothing new the second time
+
+
+def _two_taste_features(num_users, pairs, seed, prefix):
+    """Feature comparisons where even users prefer a large first coordinate and odd users a small one."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen, rejected = (
+        torch.randn(num_users * pairs, 4, generator=generator),
+        torch.randn(num_users * pairs, 4, generator=generator),
+    )
+    users = [f"{prefix}{i % num_users}" for i in range(num_users * pairs)]
+    for i in range(len(users)):
+        if (chosen[i, 0] < rejected[i, 0]) == (int(users[i][len(prefix) :]) % 2 == 0):
+            chosen[i], rejected[i] = rejected[i].clone(), chosen[i].clone()
+    return Dataset.from_dict(
+        {"user_id": users, "chosen_features": chosen.tolist(), "rejected_features": rejected.tolist()}
+    )
+
+
+@pytest.mark.parametrize("similarity", ["neg_sq_l2", "dot", "neg_l2", "cosine"])
+def test_adapt_users_every_similarity_and_known_users_in_the_data(tmp_path, similarity):
+    """Fits new users for every similarity (the linear fast path of neg_sq_l2/dot and the general one); rows of
+    already-known users in the adaptation data are ignored and those users are left untouched."""
+    from pal_rm import PalConfig, PalRewardModel
+
+    torch.manual_seed(0)
+    model = PalRewardModel(PalConfig(feature_dim=4, num_prototypes=2, preference_dim=4, similarity=similarity))
+    train = _two_taste_features(4, 40, seed=0, prefix="seen")
+    args = make_args(
+        tmp_path,
+        num_train_epochs=30,
+        per_device_train_batch_size=32,
+        learning_rate=2e-2,
+        prototype_learning_rate=5e-2,
+        user_learning_rate=5e-2,
+    )
+    trainer = PalRewardTrainer(model, args, train_dataset=train)
+    trainer.train()
+    known = model.user_weights.weight.detach().clone()
+    new = _two_taste_features(4, 20, seed=1, prefix="new")
+    mixed = concatenate_datasets([new, train.select(range(8))])
+    result = trainer.adapt_users(mixed)
+    assert result["users"] == [f"new{i}" for i in range(4)]
+    assert torch.equal(model.user_weights.weight[: known.shape[0]], known)
+    test = _two_taste_features(4, 50, seed=2, prefix="new")
+    assert trainer.evaluate(test)["eval_accuracy"] > 0.8
+
+
+def test_linear_reward_difference_identity():
+    """For neg_sq_l2 and dot, s(c, sum_k w_k p_k) - s(r, sum_k w_k p_k) = sum_k w_k (s(c, p_k) - s(r, p_k))."""
+    from pal_rm import PalConfig, PalRewardModel
+
+    generator = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(16, 5, generator=generator), torch.randn(16, 5, generator=generator)
+    points = torch.randn(16, 3, 5, generator=generator)
+    weights = torch.softmax(torch.randn(16, 3, generator=generator), -1)
+    for similarity in ("neg_sq_l2", "dot"):
+        model = PalRewardModel(PalConfig(feature_dim=5, num_prototypes=3, preference_dim=5, similarity=similarity))
+        ideal = torch.einsum("bk,bkd->bd", weights, points)
+        direct = model.similarity(chosen, ideal) - model.similarity(rejected, ideal)
+        per_prototype = model.similarity(chosen.unsqueeze(1), points) - model.similarity(rejected.unsqueeze(1), points)
+        torch.testing.assert_close(direct, (weights * per_prototype).sum(-1), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------- bad input

@@ -271,7 +271,7 @@ class PalRewardTrainer(RewardTrainer):
                 f"The {name} dataset has no user column {column!r} (columns: {dataset.column_names}). Add a column "
                 f"naming the user of each comparison, or set `PalRewardConfig(user_column=...)`."
             )
-        users = dataset[column]
+        users = _column_list(dataset, column)
         for row, user in enumerate(users):
             if not isinstance(user, str) or not user.strip():
                 raise ValueError(
@@ -293,20 +293,20 @@ class PalRewardTrainer(RewardTrainer):
                 "Fit them first with `trainer.adapt_users(dataset_with_their_comparisons)`, or set "
                 "`PalRewardConfig(unknown_users='population')` to score them with the population mixture."
             )
-        user_index = model.user_rows(dataset[args.user_column], unknown_users="population").tolist()
+        user_index = model.user_rows(_column_list(dataset, args.user_column), unknown_users="population").tolist()
         output = {"user_index": user_index}
         if "margin" in columns:
             output["margin"] = [float(m) for m in dataset["margin"]]
 
         if "chosen_features" in columns and "rejected_features" in columns:
             table = self._feature_table
-            chosen = torch.tensor(dataset["chosen_features"], dtype=torch.float32)
-            rejected = torch.tensor(dataset["rejected_features"], dtype=torch.float32)
+            chosen = _column_tensor(dataset, "chosen_features", torch.float32)
+            rejected = _column_tensor(dataset, "rejected_features", torch.float32)
             model._check_features(chosen, "chosen_features")
             output["chosen_index"] = table.add(chosen)
             output["rejected_index"] = table.add(rejected)
             if "prompt_features" in columns:
-                output["prompt_index"] = table.add(torch.tensor(dataset["prompt_features"], dtype=torch.float32))
+                output["prompt_index"] = table.add(_column_tensor(dataset, "prompt_features", torch.float32))
             elif model.config.variant == "b":
                 raise ValueError(f"The {dataset_name} dataset has no `prompt_features`, which PAL-B needs.")
             else:
@@ -557,14 +557,20 @@ class PalRewardTrainer(RewardTrainer):
 
         table = self._feature_table.table
         device = model.item_head.layers[-1].weight.device
-        user_rows = torch.tensor(processed["user_index"], device=device)
         first_row = rows[0]
+        if len(new_users) < len(users):  # rows of already-known users are not fitted
+            processed = processed.filter(lambda row: row["user_index"] >= first_row)
+        user_rows = _column_tensor(processed, "user_index", torch.long).to(device)
         local = user_rows - first_row
-        chosen_features = table[torch.tensor(processed["chosen_index"])].to(device)
-        rejected_features = table[torch.tensor(processed["rejected_index"])].to(device)
-        prompt_index = torch.tensor(processed["prompt_index"])
+        chosen_features = table[_column_tensor(processed, "chosen_index", torch.long)].to(device)
+        rejected_features = table[_column_tensor(processed, "rejected_index", torch.long)].to(device)
+        prompt_index = _column_tensor(processed, "prompt_index", torch.long)
         prompt_features = table[prompt_index].to(device) if model.config.variant == "b" else None
-        margin = torch.tensor(processed["margin"], device=device) if "margin" in processed.column_names else None
+        margin = (
+            _column_tensor(processed, "margin", torch.float32).to(device)
+            if "margin" in processed.column_names
+            else None
+        )
 
         was_training = model.training
         model.eval()
@@ -573,6 +579,13 @@ class PalRewardTrainer(RewardTrainer):
             rejected_embeddings = model.item_head(rejected_features)
             points = model.prototype_points(prompt_features, chosen_embeddings.shape[0])
             prior = model.population_logits().to(device)
+            # With `neg_sq_l2` and `dot`, a pair's reward difference is linear in the mixture: the mixture-weighted
+            # sum of its per-prototype differences (the ||ideal point||^2 terms cancel between chosen and rejected).
+            linear = model.config.similarity in ("neg_sq_l2", "dot")
+            if linear:
+                prototype_differences = model.similarity(chosen_embeddings.unsqueeze(1), points) - model.similarity(
+                    rejected_embeddings.unsqueeze(1), points
+                )
         logits = torch.nn.Parameter(prior.repeat(len(new_users), 1).clone())
         optimizer = torch.optim.Adam([logits], lr=learning_rate)
         counts = torch.bincount(local, minlength=len(new_users)).clamp(min=1).float()
@@ -580,9 +593,12 @@ class PalRewardTrainer(RewardTrainer):
         progress = tqdm(range(steps), desc="Adapting new users", disable=args.disable_tqdm or steps == 0)
         for _ in progress:
             optimizer.zero_grad()
-            weights = torch.softmax(logits[local] / temperature, dim=-1)
-            ideal = torch.einsum("bk,bkd->bd", weights, points)
-            difference = model.similarity(chosen_embeddings, ideal) - model.similarity(rejected_embeddings, ideal)
+            weights = torch.softmax(logits / temperature, dim=-1)[local]
+            if linear:
+                difference = (weights * prototype_differences).sum(-1)
+            else:
+                ideal = torch.einsum("bk,bkd->bd", weights, points)
+                difference = model.similarity(chosen_embeddings, ideal) - model.similarity(rejected_embeddings, ideal)
             if margin is not None:
                 difference = difference - margin
             per_pair = -torch.nn.functional.logsigmoid(difference)
@@ -600,6 +616,16 @@ class PalRewardTrainer(RewardTrainer):
             f"Adapted {len(new_users)} new users on {len(processed)} comparisons (train accuracy {accuracy:.3f})."
         )
         return {"users": new_users, "rows": rows, "loss": per_user.mean().item(), "accuracy": accuracy}
+
+
+def _column_tensor(dataset: Dataset, column: str, dtype: torch.dtype) -> torch.Tensor:
+    """A column as one tensor, read through Arrow/NumPy (not row by row)."""
+    return torch.as_tensor(dataset.select_columns([column]).with_format("numpy")[:][column], dtype=dtype)
+
+
+def _column_list(dataset: Dataset, column: str) -> list:
+    """A column as a Python list, read in one go (not row by row)."""
+    return dataset.select_columns([column])[:][column]
 
 
 def _max_length(tokenizer, model) -> int:

@@ -1,0 +1,385 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""
+Speed benchmark on the persona data (standard setting) with the packaged all-MiniLM-L6-v2 backbone frozen.
+
+1. Training PAL-B (K = 4) for the same epochs, (a) with the embedding cache (`PalRewardTrainer`, frozen backbone: each
+   unique text is encoded once) and (b) with the naive loop of the original PAL code, which runs the backbone on every
+   text of every batch of every epoch. Wall time, peak RSS and test accuracy of each; the time ratio.
+2. Fitting 1,000 new users with 20 comparisons each (`adapt_users`): the encoding of their new texts and the fit.
+3. Reward-scoring throughput of `PalRewardModel` (PAL-A, and PAL-B which also encodes the prompt) against the bare
+   backbone forward on the same batches, measured alternately in one process; the ratio.
+4. Peak RSS with 1,000,000 registered users, and the time to register them and to look one up.
+
+Every part runs in its own subprocess, so peak memory figures do not mix.
+
+```bash
+python examples/benchmarks/speed.py            # ~10 minutes on 2 cores
+python examples/benchmarks/speed.py --smoke --data_dir tests/fixtures/persona
+```
+
+Writes `outputs/benchmarks/speed.json` and `outputs/benchmarks/speed.png`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from _common import OUTPUT_DIR, machine, markdown_table, write_json  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup, set_seed  # noqa: E402
+
+from pal_rm import PalRewardModel  # noqa: E402
+from pal_rm.data import load_persona_preferences  # noqa: E402
+from pal_rm.modeling_pal import format_preference_texts  # noqa: E402
+from pal_rm.trainers import PalRewardConfig, PalRewardTrainer  # noqa: E402
+from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
+
+DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "anthropic-persona")
+PARTS = ("cached", "naive", "scoring", "users")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as file:
+        return next(int(line.split()[1]) for line in file if line.startswith("VmRSS")) / 1024
+
+
+def load_data(args, **overrides):
+    kwargs = {"num_groups": 4, "users_per_group": 10, "pairs_per_user": 50, "num_unseen_users": 0, "seed": args.seed}
+    if args.smoke:
+        kwargs.update(num_groups=2, users_per_group=3, pairs_per_user=10)
+        kwargs["personas"] = sorted(f[:-6] for f in os.listdir(args.data_dir) if f.endswith(".jsonl"))
+    return load_persona_preferences(args.data_dir, **{**kwargs, **overrides})
+
+
+def new_model(args):
+    set_seed(args.seed)
+    return PalRewardModel.from_backbone(resolve_model_path(MINILM), variant="b", num_prototypes=4, preference_dim=64)
+
+
+def test_accuracy(model, tokenizer, split) -> float:
+    """The same evaluation for both training loops: chosen above rejected for the row's user."""
+    model.eval()
+    with torch.inference_mode():
+        chosen = model.score_texts(tokenizer, split["prompt"], split["chosen"], users=split["user_id"], batch_size=128)
+        rejected = model.score_texts(
+            tokenizer, split["prompt"], split["rejected"], users=split["user_id"], batch_size=128
+        )
+    return (chosen > rejected).float().mean().item()
+
+
+def training_config(args, output_dir) -> PalRewardConfig:
+    return PalRewardConfig(
+        output_dir=output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=64,
+        learning_rate=1e-3,
+        seed=args.seed,
+        use_cpu=True,
+        logging_steps=1000,
+        disable_tqdm=False,
+    )
+
+
+def part_cached(args, tokenizer) -> dict:
+    dataset = load_data(args)
+    model = new_model(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        trainer = PalRewardTrainer(
+            model, training_config(args, tmp), train_dataset=dataset["train"], processing_class=tokenizer
+        )
+        encoded = time.perf_counter() - start
+        trainer.train()
+        seconds = time.perf_counter() - start
+        result = {"seconds": seconds, "encode_seconds": encoded, "peak_rss_mb": peak_rss_mb()}
+        result["texts_encoded"] = trainer.embedding_cache.num_encoded
+        result["test_accuracy"] = test_accuracy(model, tokenizer, dataset["test"])
+
+        # 1,000 new users with 20 comparisons each (texts from the statement pool of training).
+        new_users = load_data(args, num_unseen_users=args.new_users, unseen_shots=20, unseen_test_pairs=0)[
+            "unseen_train"
+        ]
+        start = time.perf_counter()
+        texts = [
+            text
+            for p, c, r in zip(new_users["prompt"], new_users["chosen"], new_users["rejected"])
+            for text in (*format_preference_texts(tokenizer, p, c), format_preference_texts(tokenizer, p, r)[1])
+        ]
+        trainer.embedding_cache.encode(model, tokenizer, texts)  # their new texts, so the fit below is timed alone
+        encode = time.perf_counter() - start
+        start = time.perf_counter()
+        adapted = trainer.adapt_users(new_users)
+        result["adapt"] = {
+            "users": len(adapted["users"]),
+            "comparisons": len(new_users),
+            "encode_new_texts_seconds": encode,
+            "fit_seconds": time.perf_counter() - start,
+            "train_accuracy": adapted["accuracy"],
+        }
+    return result
+
+
+def part_naive(args, tokenizer) -> dict:
+    """The original code's loop: the frozen backbone runs on every text of every batch, every epoch."""
+    dataset = load_data(args)
+    train = dataset["train"]
+    model = new_model(args)
+    model.backbone.requires_grad_(False)
+    rows = model.add_users(list(dict.fromkeys(train["user_id"])))
+    del rows
+    config = training_config(args, "unused")
+    groups = {"user_weights.": config.user_learning_rate, "prototypes": config.prototype_learning_rate}
+    parameters = []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            lr = next((rate for prefix, rate in groups.items() if name.startswith(prefix)), config.learning_rate)
+            parameters.append({"params": [parameter], "lr": lr})
+    optimizer = torch.optim.AdamW(parameters, weight_decay=0.0)
+    batch_size = config.per_device_train_batch_size
+    steps = int(args.epochs) * ((len(train) + batch_size - 1) // batch_size)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
+    texts = [
+        (*format_preference_texts(tokenizer, p, c), format_preference_texts(tokenizer, p, r)[1])
+        for p, c, r in zip(train["prompt"], train["chosen"], train["rejected"])
+    ]
+    users = list(train["user_id"])
+
+    def encode(batch_texts):
+        encoded = tokenizer(batch_texts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        with torch.no_grad():
+            return model.encode(encoded["input_ids"], encoded["attention_mask"], encoded.get("token_type_ids"))
+
+    start = time.perf_counter()
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed)
+    progress = tqdm(total=steps, desc="Naive loop (re-encoding every batch)")
+    for _ in range(int(args.epochs)):
+        for batch in torch.randperm(len(train), generator=generator).split(batch_size):
+            batch = batch.tolist()
+            prompts = encode([texts[i][0] for i in batch])
+            chosen = encode([texts[i][1] for i in batch])
+            rejected = encode([texts[i][2] for i in batch])
+            user_ids = [users[i] for i in batch]
+            difference = (
+                model(item_features=chosen, prompt_features=prompts, user_ids=user_ids).logits
+                - model(item_features=rejected, prompt_features=prompts, user_ids=user_ids).logits
+            )
+            loss = -torch.nn.functional.logsigmoid(difference).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            progress.update()
+    progress.close()
+    seconds = time.perf_counter() - start
+    model.refresh_population_mixture()
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "texts_encoded": 3 * len(train) * int(args.epochs),
+        "test_accuracy": test_accuracy(model, tokenizer, dataset["test"]),
+    }
+
+
+def part_scoring(args, tokenizer) -> dict:
+    dataset = load_data(args)
+    split = dataset["test"]
+    batch = min(args.scoring_batch, len(split))
+    items = [
+        format_preference_texts(tokenizer, p, c)[1] for p, c in zip(split["prompt"][:batch], split["chosen"][:batch])
+    ]
+    prompts = list(split["prompt"][:batch])
+    encoded = tokenizer(items, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    encoded_prompts = tokenizer(prompts, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    backbone = AutoModel.from_pretrained(resolve_model_path(MINILM)).eval()
+    pal_a = PalRewardModel.from_backbone(resolve_model_path(MINILM), variant="a", num_prototypes=4).eval()
+    pal_b = PalRewardModel.from_backbone(resolve_model_path(MINILM), variant="b", num_prototypes=4).eval()
+    runs = {
+        "backbone": lambda: backbone(**encoded),
+        "pal_a": lambda: pal_a(**encoded),
+        "pal_b": lambda: pal_b(
+            **encoded,
+            prompt_input_ids=encoded_prompts["input_ids"],
+            prompt_attention_mask=encoded_prompts["attention_mask"],
+            prompt_token_type_ids=encoded_prompts["token_type_ids"],
+        ),
+        "backbone_items_and_prompts": lambda: (backbone(**encoded), backbone(**encoded_prompts)),
+    }
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for run in runs.values():
+            run()  # warm-up
+        for _ in tqdm(range(args.scoring_rounds), desc="Scoring rounds"):
+            for name, run in runs.items():  # alternate, so machine noise hits every variant alike
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "batch_size": batch,
+        "sequence_length": encoded["input_ids"].shape[1],
+        "prompt_length": encoded_prompts["input_ids"].shape[1],
+        "median_seconds": median,
+        "sequences_per_second": {name: batch / value for name, value in median.items()},
+        "pal_a_over_backbone": median["pal_a"] / median["backbone"],
+        "pal_b_over_backbone_items_and_prompts": median["pal_b"] / median["backbone_items_and_prompts"],
+        "pal_b_over_backbone": median["pal_b"] / median["backbone"],
+    }
+
+
+def part_users(args, tokenizer) -> dict:
+    model = new_model(args).eval()
+    before = current_rss_mb()
+    ids = [f"user-{index:07d}" for index in range(args.registered_users)]
+    start = time.perf_counter()
+    model.add_users(ids)
+    register = time.perf_counter() - start
+    after = current_rss_mb()
+    start = time.perf_counter()
+    rows = model.user_rows([ids[-1], ids[len(ids) // 2]])
+    lookup = time.perf_counter() - start
+    with torch.inference_mode():
+        start = time.perf_counter()
+        reward = model.score_texts(tokenizer, ["Is this a statement?"], [" Yes"], users=[ids[-1]])
+        score = time.perf_counter() - start
+    return {
+        "registered_users": model.num_users,
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "peak_rss_mb": peak_rss_mb(),
+        "register_seconds": register,
+        "lookup_seconds": lookup,
+        "score_one_seconds": score,
+        "rows_found": rows.tolist(),
+        "reward_is_finite": bool(torch.isfinite(reward).all()),
+    }
+
+
+def run_part(part: str, args) -> dict:
+    """Runs one part in a fresh interpreter and returns its figures."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        path = handle.name
+    command = [sys.executable, os.path.abspath(__file__), "--part", part, "--part_output", path] + args.forward
+    subprocess.run(command, check=True)
+    with open(path) as file:
+        result = json.load(file)
+    os.remove(path)
+    return result
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    training = {"embedding cache": results["cached"]["seconds"], "naive loop": results["naive"]["seconds"]}
+    axes[0].barh(list(training), list(training.values()), color=["tab:green", "tab:red"])
+    axes[0].set(title=f"PAL-B training, {results['config']['epochs']:g} epochs", xlabel="seconds")
+    throughput = results["scoring"]["sequences_per_second"]
+    axes[1].barh(list(throughput), list(throughput.values()))
+    axes[1].set(title="reward scoring throughput", xlabel="sequences / second")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--new_users", type=int, default=1000)
+    parser.add_argument("--registered_users", type=int, default=1_000_000)
+    parser.add_argument("--scoring_batch", type=int, default=64)
+    parser.add_argument("--scoring_rounds", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", default=OUTPUT_DIR)
+    parser.add_argument("--smoke", action="store_true", help="A tiny run (seconds).")
+    parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
+    parser.add_argument("--part_output", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.new_users, args.registered_users = 1, 20, 10_000
+        args.scoring_batch, args.scoring_rounds = 8, 2
+
+    if args.part:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+        result = globals()[f"part_{args.part}"](args, tokenizer)
+        with open(args.part_output, "w") as file:
+            json.dump(result, file)
+        return
+
+    args.forward = [a for a in (argv if argv is not None else sys.argv[1:])]
+    start = time.perf_counter()
+    results = {
+        "machine": machine(),
+        "command": "python examples/benchmarks/speed.py" + (" --smoke" if args.smoke else ""),
+    }
+    results["config"] = {
+        k: v for k, v in vars(args).items() if k not in ("forward", "part", "part_output", "output_dir")
+    }
+    for part in PARTS:
+        results[part] = run_part(part, args)
+    cached, naive, scoring, users = (results[p] for p in PARTS)
+    results["training_speedup"] = naive["seconds"] / cached["seconds"]
+    results["targets"] = {
+        "cached training >= 10x faster than the naive loop": results["training_speedup"] >= 10,
+        "accuracy within 2 points of the naive loop": abs(cached["test_accuracy"] - naive["test_accuracy"]) <= 0.02,
+        f"{cached['adapt']['users']} new users fitted in under 5 s": cached["adapt"]["fit_seconds"] < 5,
+        "PAL-A scoring adds under 5% to the backbone forward": scoring["pal_a_over_backbone"] < 1.05,
+    }
+    results["wall_time_seconds"] = time.perf_counter() - start
+    rows = [
+        [
+            "training, embedding cache",
+            f"{cached['seconds']:.1f} s",
+            f"{cached['peak_rss_mb']:.0f} MB",
+            f"{cached['test_accuracy']:.3f}",
+        ],
+        [
+            "training, naive loop",
+            f"{naive['seconds']:.1f} s",
+            f"{naive['peak_rss_mb']:.0f} MB",
+            f"{naive['test_accuracy']:.3f}",
+        ],
+    ]
+    print("\n## Speed\n")
+    print(markdown_table(["run", "wall time", "peak RSS", "test accuracy"], rows))
+    adapt = cached["adapt"]
+    print(f"\nTraining speed-up of the cache: {results['training_speedup']:.1f}x ({args.epochs} epochs)")
+    print(
+        f"Adapting {adapt['users']} new users ({adapt['comparisons']} comparisons): fit {adapt['fit_seconds']:.2f} s "
+        f"(+ {adapt['encode_new_texts_seconds']:.1f} s encoding their new texts)"
+    )
+    print(
+        f"Scoring (batch {scoring['batch_size']}): PAL-A / backbone = {scoring['pal_a_over_backbone']:.3f}; PAL-B / "
+        f"(backbone on items + prompts) = {scoring['pal_b_over_backbone_items_and_prompts']:.3f}; PAL-B / backbone = "
+        f"{scoring['pal_b_over_backbone']:.3f}"
+    )
+    print(
+        f"{users['registered_users']:,} registered users: RSS {users['rss_before_mb']:.0f} -> "
+        f"{users['rss_after_mb']:.0f} MB (peak {users['peak_rss_mb']:.0f} MB), registered in "
+        f"{users['register_seconds']:.1f} s, lookup {users['lookup_seconds'] * 1e3:.2f} ms"
+    )
+    for target, met in results["targets"].items():
+        print(f"- {target}: {'met' if met else 'MISSED'}")
+    path = write_json("speed", results, args.output_dir)
+    plot(results, os.path.join(args.output_dir, "speed.png"))
+    print(f"Wrote {path} and speed.png ({results['wall_time_seconds']:.0f} s).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""
+Baselines PAL is measured against, trained on the same features and data:
+
+- one reward for everyone: plain Bradley-Terry, a single reward head (`one_reward_model`; trained with
+  `PalRewardTrainer`, it is what TRL's `RewardTrainer` fits on a frozen backbone);
+- one independent reward head per user, nothing shared (`IndependentRewardHeads`);
+- a per-group oracle: PAL whose user mixtures are fixed to the true group labels (or true mixture weights), so the
+  shared maps are fitted on all of each group's data (`fix_user_mixtures`; an upper reference, not a competitor).
+"""
+
+from collections.abc import Sequence
+
+import torch
+from transformers.utils import logging
+
+from .configuration_pal import PalConfig
+from .modeling_pal import PalRewardModel
+
+logger = logging.get_logger(__name__)
+
+
+def one_reward_model(feature_dim: int | None = None, backbone_config=None, **head_kwargs) -> PalRewardModel:
+    """A Bradley-Terry reward model with PAL's item map: PAL-A with one prototype and the `dot` similarity, so every
+    user (seen or not) gets the same linear reward `<f(x), p>`."""
+    config = PalConfig(
+        backbone_config=backbone_config,
+        feature_dim=feature_dim,
+        variant="a",
+        num_prototypes=1,
+        similarity="dot",
+        **head_kwargs,
+    )
+    return PalRewardModel(config)
+
+
+def fix_user_mixtures(model: PalRewardModel, user_ids: Sequence[str], weights, floor: float = 1e-4) -> None:
+    """
+    Sets the mixture of each user of `user_ids` (registering unknown ones) to the given points of the simplex and
+    freezes the user table, so training only fits the shared parts: the per-group oracle when `weights` are the true
+    group labels (one-hot) or true mixture weights. Entries below `floor` are raised to `floor` (softmax logits must
+    be finite).
+    """
+    weights = torch.as_tensor(weights, dtype=torch.float32)
+    if weights.shape != (len(user_ids), model.config.num_prototypes):
+        raise ValueError(
+            f"`weights` must have shape ({len(user_ids)}, {model.config.num_prototypes}) (one row per user, one "
+            f"column per prototype), got {tuple(weights.shape)}."
+        )
+    if (weights < 0).any() or not torch.allclose(weights.sum(-1), torch.ones(len(user_ids)), atol=1e-4):
+        raise ValueError("Every row of `weights` must be on the simplex (non-negative, summing to 1).")
+    model.add_users([user for user in user_ids if user not in set(model.config.user_ids)])
+    rows = model.user_rows(list(user_ids))
+    logits = torch.log(weights.clamp(min=floor)) * model.config.mixture_temperature
+    with torch.no_grad():
+        model.user_weights.weight[rows] = logits.to(model.user_weights.weight)
+    model.user_weights.requires_grad_(False)
+
+
+class IndependentRewardHeads:
+    """
+    One linear reward per user on frozen features, `r_u(x) = <w_u, phi(x)>`, nothing shared between users: each
+    `w_u` is fitted on user `u`'s comparisons alone by the Bradley-Terry loss with an L2 penalty `l2 * ||w_u||^2`
+    (full batch, all users at once; their losses are independent).
+
+    Args:
+        l2 (`float`): strength of the L2 penalty.
+        steps (`int`), learning_rate (`float`): full-batch Adam steps and learning rate.
+    """
+
+    def __init__(self, l2: float = 0.01, steps: int = 300, learning_rate: float = 0.05):
+        self.l2, self.steps, self.learning_rate = l2, steps, learning_rate
+        self.user_ids: list[str] = []
+        self.weights: torch.Tensor | None = None
+
+    @staticmethod
+    def _tensors(dataset) -> tuple[torch.Tensor, list[str]]:
+        for column in ("chosen_features", "rejected_features", "user_id"):
+            if column not in dataset.column_names:
+                raise ValueError(
+                    f"The dataset has no {column!r} column; featurize it first (`featurize_preferences`)."
+                )
+        arrays = dataset.with_format("numpy", columns=["chosen_features", "rejected_features"])[:]
+        difference = (
+            torch.from_numpy(arrays["chosen_features"]).float() - torch.from_numpy(arrays["rejected_features"]).float()
+        )
+        return difference, list(dataset["user_id"])
+
+    def fit(self, dataset) -> "IndependentRewardHeads":
+        """Fits one head per user of `dataset` (users already fitted are refitted from scratch)."""
+        difference, users = self._tensors(dataset)
+        self.user_ids = list(dict.fromkeys(users))
+        position = {user: i for i, user in enumerate(self.user_ids)}
+        index = torch.tensor([position[user] for user in users])
+        counts = torch.bincount(index, minlength=len(self.user_ids)).float()
+        weights = torch.zeros(len(self.user_ids), difference.shape[1], requires_grad=True)
+        optimizer = torch.optim.Adam([weights], lr=self.learning_rate)
+        for _ in range(self.steps):
+            optimizer.zero_grad()
+            margins = (weights[index] * difference).sum(-1)
+            per_user = torch.zeros(len(self.user_ids)).index_add(0, index, torch.nn.functional.softplus(-margins))
+            loss = (per_user / counts).sum() + self.l2 * weights.pow(2).sum()
+            loss.backward()
+            optimizer.step()
+        self.weights = weights.detach()
+        return self
+
+    @torch.no_grad()
+    def correct(self, dataset) -> tuple[torch.Tensor, list[str]]:
+        """Whether each comparison of `dataset` is ranked right (`chosen` above `rejected`), and its user."""
+        if self.weights is None:
+            raise ValueError("Call `fit` first.")
+        difference, users = self._tensors(dataset)
+        unknown = sorted(set(users) - set(self.user_ids))
+        if unknown:
+            raise ValueError(f"No head for users {unknown[:3]} (fit them first: each user needs comparisons).")
+        position = {user: i for i, user in enumerate(self.user_ids)}
+        index = torch.tensor([position[user] for user in users])
+        return (self.weights[index] * difference).sum(-1) > 0, users
+
+    def accuracy(self, dataset) -> float:
+        correct, _ = self.correct(dataset)
+        return correct.float().mean().item()
+
+
+__all__ = ["IndependentRewardHeads", "fix_user_mixtures", "one_reward_model"]
