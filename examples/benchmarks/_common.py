@@ -77,16 +77,23 @@ def train(model, dataset, args, fixed_mixtures: bool = False) -> PalRewardTraine
     trainer = PalRewardTrainer(model, args, train_dataset=dataset["train"])
     trainer.remove_callback(PrinterCallback)  # the scripts print their own tables
     if fixed_mixtures:
-        users, weights = _true_mixtures(dataset["train"])
+        users, weights = _true_mixtures(dataset["train"], model.config.num_prototypes)
         fix_user_mixtures(model, users, weights)
     trainer.train()
     return trainer
 
 
-def _true_mixtures(split) -> tuple[list[str], list[list[float]]]:
+def _true_mixtures(split, num_groups: int | None = None) -> tuple[list[str], list[list[float]]]:
+    """Each user's true mixture: the `mixture_weights` column, or the one-hot of the `group` column."""
+    if "mixture_weights" in split.column_names:
+        values = split["mixture_weights"]
+    else:
+        groups = list(split["group"])
+        size = num_groups or max(groups) + 1
+        values = [[1.0 if g == k else 0.0 for k in range(size)] for g in groups]
     first = {}
-    for user, weights in zip(split["user_id"], split["mixture_weights"]):
-        first.setdefault(user, weights)
+    for user, weights in zip(split["user_id"], values):
+        first.setdefault(user, list(weights))
     return list(first), list(first.values())
 
 
@@ -159,7 +166,7 @@ def oracle_results(dataset, feature_dim, num_groups, args, head_kwargs, variant=
     set_seed(args.seed)
     model = pal_model(feature_dim, variant, num_groups, **head_kwargs)
     trainer = train(model, dataset, args, fixed_mixtures=True)
-    users, weights = _true_mixtures(dataset["unseen_test"])
+    users, weights = _true_mixtures(dataset["unseen_test"], num_groups)
     fix_user_mixtures(model, users, weights)
     return {
         "validation_accuracy": accuracy(trainer, dataset["validation"], "validation"),

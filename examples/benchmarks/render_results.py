@@ -1,0 +1,232 @@
+# Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
+"""
+Writes the README's Results section from the benchmarks' JSON files: nothing in it is typed by hand.
+
+```bash
+python examples/benchmarks/render_results.py --collect   # copy outputs/benchmarks/*.json|png into examples/benchmarks/results/, render
+python examples/benchmarks/render_results.py             # re-render from examples/benchmarks/results/
+python examples/benchmarks/render_results.py --check     # exit 1 if the README is not what the JSON files give
+```
+
+The section sits between `<!-- results:start -->` and `<!-- results:end -->`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+RESULTS_DIR = os.path.join(HERE, "results")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+BENCHMARKS = ("persona", "synthetic", "speed", "summary")
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows])
+
+
+def _machine(result) -> str:
+    m = result["machine"]
+    return f"{m['cpu']}, {m['cpu_count']} cores, torch {m['torch']} ({result['wall_time_seconds'] / 60:.1f} min)"
+
+
+def _image(name, results_dir) -> str:
+    path = os.path.join(results_dir, f"{name}.png")
+    if not os.path.exists(path):
+        return ""
+    return f"\n![{name}]({os.path.relpath(path, REPO)})\n"
+
+
+def render_persona(result, results_dir) -> str:
+    shots = result["shots"]
+    parts = [
+        f"### Persona (Anthropic persona statements, MiniLM frozen)\n\n`{result['command']}` on {_machine(result)}.\n"
+    ]
+    for name, setting in result["settings"].items():
+        data = setting["data"]
+        parts.append(
+            f"**{name.capitalize()} setting** ({'Dirichlet-mixture' if data['mixture_users'] else 'pure-group'} users, "
+            f"K* = {data['num_groups']}, {setting['users']['train']} seen users with {data['pairs_per_user']} "
+            f"comparisons each, {setting['users']['unseen_test']} unseen users). Accuracy; bold: the PAL model chosen "
+            "on seen-user validation accuracy.\n"
+        )
+        rows = []
+        for model, values in setting["models"].items():
+            label = f"**{model}**" if model == setting["selected_pal"] else model
+            unseen = values.get("unseen_accuracy")
+            cells = (
+                [values["unseen_accuracy_true_mixture"]] * len(shots)
+                if unseen is None
+                else [unseen[str(n)] for n in shots]
+            )
+            rows.append([label, values["seen_accuracy"], *cells])
+        parts.append(table(["model", "seen users"] + [f"unseen, {n}-shot" for n in shots], rows))
+        targets = setting["targets"]
+        lines = []
+        for target, met in targets["met"].items():
+            lines.append(f"- {target}: {'met' if met else '**missed**'}")
+        gaps = (
+            f"(PAL - oracle: {targets['pal_minus_oracle_seen'] * 100:+.1f} points; PAL - one reward: "
+            f"{targets['pal_minus_one_reward_seen'] * 100:+.1f} points; "
+            + ", ".join(
+                f"{k.replace('_', ' ')}: {v * 100:+.1f} points" for k, v in targets.items() if k.startswith("unseen")
+            )
+            + ")"
+        )
+        parts.append("\n" + "\n".join(lines) + f"\n\n{gaps}\n")
+    parts.append(_image("persona", results_dir))
+    return "\n".join(parts)
+
+
+def render_synthetic(result, results_dir) -> str:
+    config = result["config"]
+    rows = []
+    for true_k, run in result["runs"].items():
+        bayes = run["bayes_optimal"]["test"]["realized"]
+        for name, values in run["models"].items():
+            rows.append(
+                [
+                    true_k,
+                    name,
+                    values["seen_accuracy"],
+                    bayes,
+                    (values["seen_accuracy"] - bayes) * 100,
+                    values["unseen_accuracy"],
+                    run["bayes_optimal"]["unseen_test"]["realized"],
+                ]
+            )
+    for row in rows:
+        row[4] = f"{row[4]:+.1f}"
+    met = "met" if result["met_within_1_point"] else "**missed**"
+    return (
+        f"### Synthetic (the paper's ideal-point simulation, d = {config['dim']})\n\n`{result['command']}` on "
+        f"{_machine(result)}. Seen-user test accuracy against the Bayes-optimal accuracy of the true model on the same "
+        f"labels; unseen users fitted on {config['unseen_shots']} comparisons.\n\n"
+        + table(["K*", "model", "seen", "Bayes-optimal", "gap (points)", "unseen", "Bayes (unseen)"], rows)
+        + f"\n\n- PAL-A within 1 point of Bayes-optimal for every K >= K*: {met}\n"
+        + _image("synthetic", results_dir)
+    )
+
+
+def render_speed(result, results_dir) -> str:
+    cached, naive, scoring, users = (result[p] for p in ("cached", "naive", "scoring", "users"))
+    adapt = cached["adapt"]
+    rows = [
+        [
+            "PAL-B training, embedding cache",
+            f"{cached['seconds']:.1f} s",
+            f"{cached['peak_rss_mb']:.0f} MB",
+            cached["test_accuracy"],
+        ],
+        [
+            "PAL-B training, naive loop (re-encodes every batch)",
+            f"{naive['seconds']:.1f} s",
+            f"{naive['peak_rss_mb']:.0f} MB",
+            naive["test_accuracy"],
+        ],
+    ]
+    targets = "\n".join(f"- {t}: {'met' if ok else '**missed**'}" for t, ok in result["targets"].items())
+    return (
+        f"### Speed (persona data, MiniLM frozen, {result['config']['epochs']} epochs)\n\n`{result['command']}` on "
+        f"{_machine(result)}; each part in its own process.\n\n"
+        + table(["run", "wall time", "peak RSS", "test accuracy"], rows)
+        + f"\n\n- training speed-up of the cache: **{result['training_speedup']:.1f}x**\n"
+        f"- fitting {adapt['users']:,} new users ({adapt['comparisons']:,} comparisons): **{adapt['fit_seconds']:.2f} s** "
+        f"(plus {adapt['encode_new_texts_seconds']:.1f} s to encode their new texts once)\n"
+        f"- scoring a batch of {scoring['batch_size']} (median of alternating runs): PAL-A / backbone forward = "
+        f"**{scoring['pal_a_over_backbone']:.3f}**; PAL-B / backbone on items and prompts = "
+        f"{scoring['pal_b_over_backbone_items_and_prompts']:.3f}; PAL-B / backbone on items only = "
+        f"{scoring['pal_b_over_backbone']:.3f} (PAL-B also encodes the prompt)\n"
+        f"- {users['registered_users']:,} registered users: RSS {users['rss_before_mb']:.0f} MB -> "
+        f"{users['rss_after_mb']:.0f} MB, registered in {users['register_seconds']:.1f} s, one lookup "
+        f"{users['lookup_seconds'] * 1e3:.2f} ms\n\n{targets}\n" + _image("speed", results_dir)
+    )
+
+
+def render_summary(result, results_dir) -> str:
+    shots = result["config"]["unseen_shots"]
+    rows = []
+    for name, values in result["models"].items():
+        unseen = values.get("unseen_accuracy", {}).get(str(shots), values.get("unseen_accuracy_true_mixture"))
+        rows.append([name, values["seen_accuracy"], unseen])
+    where = (
+        "the small offline fixture (a pipeline check, not a result)"
+        if result["source"] == "fixture"
+        else result["source"]
+    )
+    sizes = ", ".join(f"{k} {v:,}" for k, v in result["sizes"].items())
+    expected = result["expected_sizes_full_data"]
+    return (
+        f"### Reddit TL;DR (Li et al. 2024 protocol)\n\n`{result['command']}` on {where}, {_machine(result)}; sizes: "
+        f"{sizes}.\n\n"
+        + table(["model", "seen users", f"unseen, {shots}-shot"], rows)
+        + f"\n\nWith network: `python examples/benchmarks/summary.py --source openai/summarize_from_feedback "
+        f"--drop_ties false` (expected seen-user sizes {expected['train']:,} / {expected['validation']:,} / "
+        f"{expected['test']:,}).\n"
+    )
+
+
+def render(results_dir: str = RESULTS_DIR) -> str:
+    sections = [
+        "_Generated by `python examples/benchmarks/render_results.py` from `examples/benchmarks/results/*.json`; "
+        "rerun a benchmark, then `render_results.py --collect`._\n"
+    ]
+    for name in BENCHMARKS:
+        path = os.path.join(results_dir, f"{name}.json")
+        if os.path.exists(path):
+            with open(path) as file:
+                sections.append(globals()[f"render_{name}"](json.load(file), results_dir))
+        else:
+            sections.append(f"### {name}\n\nNot run yet: `python examples/benchmarks/{name}.py`.\n")
+    return "\n".join(sections)
+
+
+def update_readme(readme: str, body: str) -> str:
+    if START not in readme or END not in readme:
+        raise ValueError(f"The README has no {START} ... {END} markers.")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{body.strip()}\n{END}{tail}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--collect", action="store_true", help="Copy outputs/benchmarks/*.json|png first.")
+    parser.add_argument("--source_dir", default=os.path.join(REPO, "outputs", "benchmarks"))
+    parser.add_argument("--results_dir", default=RESULTS_DIR)
+    parser.add_argument("--readme", default=os.path.join(REPO, "README.md"))
+    parser.add_argument("--check", action="store_true", help="Fail if the README differs from the rendering.")
+    args = parser.parse_args(argv)
+    if args.collect:
+        os.makedirs(args.results_dir, exist_ok=True)
+        for name in BENCHMARKS:
+            for extension in ("json", "png"):
+                source = os.path.join(args.source_dir, f"{name}.{extension}")
+                if os.path.exists(source):
+                    shutil.copyfile(source, os.path.join(args.results_dir, f"{name}.{extension}"))
+    with open(args.readme) as file:
+        readme = file.read()
+    updated = update_readme(readme, render(args.results_dir))
+    if args.check:
+        if updated != readme:
+            print("The README's Results section is not what the JSON files give; run render_results.py.")
+            return 1
+        return 0
+    tmp = args.readme + ".tmp"
+    with open(tmp, "w") as file:
+        file.write(updated)
+    os.replace(tmp, args.readme)
+    print(f"Rendered the Results section of {args.readme}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Every benchmark script in its smoke mode (tiny data, seconds), and the README's generated Results section."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(REPO, "examples", "benchmarks")
+PERSONA_FIXTURE = os.path.join(REPO, "tests", "fixtures", "persona")
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read(output_dir, name):
+    with open(os.path.join(output_dir, f"{name}.json")) as file:
+        return json.load(file)
+
+
+def in_unit_interval(value):
+    return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def test_persona_smoke(tmp_path):
+    load_script("persona").main(
+        [
+            "--smoke",
+            "--data_dir",
+            PERSONA_FIXTURE,
+            "--settings",
+            "standard",
+            "--output_dir",
+            str(tmp_path),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    result = read(tmp_path, "persona")
+    setting = result["settings"]["standard"]
+    models = setting["models"]
+    assert set(models) == {
+        "one reward for everyone",
+        "independent head per user",
+        "per-group oracle",
+        "PAL-A K=1",
+        "PAL-A K=2",
+        "PAL-B K=1",
+        "PAL-B K=2",
+    }
+    assert setting["selected_pal"].startswith("PAL-")
+    selected = models[setting["selected_pal"]]
+    assert selected["validation_accuracy"] == max(
+        m["validation_accuracy"] for n, m in models.items() if n.startswith("PAL-")
+    )
+    for name, values in models.items():
+        assert in_unit_interval(values["seen_accuracy"]), name
+        if "unseen_accuracy" in values:
+            assert sorted(values["unseen_accuracy"], key=int) == ["1", "2", "5"]
+            assert all(in_unit_interval(v) for v in values["unseen_accuracy"].values())
+    assert set(setting["targets"]["met"]) and (tmp_path / "persona.png").stat().st_size > 0
+    assert setting["users"]["train"] == 6 and setting["users"]["unseen_test"] == 4
+
+
+def test_synthetic_smoke(tmp_path):
+    load_script("synthetic").main(["--smoke", "--output_dir", str(tmp_path)])
+    result = read(tmp_path, "synthetic")
+    run = result["runs"]["2"]
+    assert in_unit_interval(run["bayes_optimal"]["test"]["realized"])
+    assert set(run["models"]) == {"one reward for everyone", "per-group oracle", "PAL-A K=1", "PAL-A K=2"}
+    assert set(run["gap_to_bayes_when_k_at_least_true_k"]) == {"PAL-A K=2"}
+    assert isinstance(result["met_within_1_point"], bool) and (tmp_path / "synthetic.png").exists()
+
+
+def test_summary_smoke(tmp_path):
+    load_script("summary").main(["--smoke", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")])
+    result = read(tmp_path, "summary")
+    assert result["source"] == "fixture" and result["sizes"]["train"] > 0 and result["sizes"]["unseen_test"] > 0
+    assert set(result["models"]) == {
+        "one reward for everyone",
+        "independent head per user",
+        "per-group oracle",
+        "PAL-A K=2",
+        "PAL-B K=2",
+    }
+    assert all(in_unit_interval(m["seen_accuracy"]) for m in result["models"].values())
+
+
+def test_speed_smoke(tmp_path):
+    load_script("speed").main(["--smoke", "--data_dir", PERSONA_FIXTURE, "--output_dir", str(tmp_path)])
+    result = read(tmp_path, "speed")
+    assert result["cached"]["texts_encoded"] < result["naive"]["texts_encoded"]
+    assert result["training_speedup"] > 0 and result["cached"]["adapt"]["users"] == 20
+    assert result["users"]["registered_users"] == 10_000 and result["users"]["reward_is_finite"]
+    assert result["users"]["rows_found"] == [9_999, 5_000]
+    assert set(result["scoring"]["median_seconds"]) == {"backbone", "pal_a", "pal_b", "backbone_items_and_prompts"}
+    assert (tmp_path / "speed.png").exists()
+
+
+def test_render_results_from_json(tmp_path):
+    render = load_script("render_results")
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    synthetic = {
+        "machine": {"cpu": "test cpu", "cpu_count": 2, "torch": "x"},
+        "wall_time_seconds": 60.0,
+        "command": "python examples/benchmarks/synthetic.py",
+        "config": {"dim": 16, "unseen_shots": 20},
+        "met_within_1_point": False,
+        "runs": {
+            "2": {
+                "bayes_optimal": {"test": {"realized": 0.8512}, "unseen_test": {"realized": 0.84}},
+                "models": {"PAL-A K=2": {"K": 2, "seen_accuracy": 0.8437, "unseen_accuracy": 0.8123}},
+            }
+        },
+    }
+    (results_dir / "synthetic.json").write_text(json.dumps(synthetic))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    assert render.main(["--results_dir", str(results_dir), "--readme", str(readme), "--check"]) == 1
+    assert render.main(["--results_dir", str(results_dir), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- results:start -->\n") and text.endswith("<!-- results:end -->\nrest\n")
+    assert "| 2 | PAL-A K=2 | 0.844 | 0.851 | -0.8 | 0.812 | 0.840 |" in text
+    assert "Not run yet: `python examples/benchmarks/persona.py`" in text and "old" not in text
+    assert render.main(["--results_dir", str(results_dir), "--readme", str(readme), "--check"]) == 0
+    with pytest.raises(ValueError, match="markers"):
+        render.update_readme("no markers", "body")
+
+
+def test_readme_results_are_generated_from_the_committed_json():
+    render = load_script("render_results")
+    assert render.main(["--check"]) == 0, (
+        "README.md's Results section is stale: run examples/benchmarks/render_results.py"
+    )
