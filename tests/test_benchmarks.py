@@ -70,7 +70,8 @@ def test_persona_smoke(tmp_path):
 def test_synthetic_smoke(tmp_path):
     load_script("synthetic").main(["--smoke", "--output_dir", str(tmp_path)])
     result = read(tmp_path, "synthetic")
-    run = result["runs"]["2"]
+    run = result["runs"]["2/10"]
+    assert run["true_k"] == 2 and run["pairs_per_user"] == 10
     assert in_unit_interval(run["bayes_optimal"]["test"]["realized"])
     assert set(run["models"]) == {"one reward for everyone", "per-group oracle", "PAL-A K=1", "PAL-A K=2"}
     assert set(run["gap_to_bayes_when_k_at_least_true_k"]) == {"PAL-A K=2"}
@@ -113,8 +114,10 @@ def test_render_results_from_json(tmp_path):
         "config": {"dim": 16, "unseen_shots": 20},
         "met_within_1_point": False,
         "runs": {
-            "2": {
-                "bayes_optimal": {"test": {"realized": 0.8512}, "unseen_test": {"realized": 0.84}},
+            "2/50": {
+                "true_k": 2,
+                "pairs_per_user": 50,
+                "bayes_optimal": {"test": {"realized": 0.8520}, "unseen_test": {"realized": 0.84}},
                 "models": {"PAL-A K=2": {"K": 2, "seen_accuracy": 0.8437, "unseen_accuracy": 0.8123}},
             }
         },
@@ -126,7 +129,7 @@ def test_render_results_from_json(tmp_path):
     assert render.main(["--results_dir", str(results_dir), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert text.startswith("intro\n<!-- results:start -->\n") and text.endswith("<!-- results:end -->\nrest\n")
-    assert "| 2 | PAL-A K=2 | 0.844 | 0.851 | -0.8 | 0.812 | 0.840 |" in text
+    assert "| 2 | 50 | PAL-A K=2 | 0.844 | 0.852 | -0.8 | 0.812 | 0.840 |" in text
     assert "Not run yet: `python examples/benchmarks/persona.py`" in text and "old" not in text
     assert render.main(["--results_dir", str(results_dir), "--readme", str(readme), "--check"]) == 0
     with pytest.raises(ValueError, match="markers"):

@@ -60,6 +60,7 @@ def run_setting(dataset, num_groups, ks, args, shots):
             args.seed,
             learning_rate=args.learning_rate,
             per_device_train_batch_size=args.batch_size,
+            user_learning_rate=args.user_learning_rate,
         )
 
     models = {}
@@ -166,6 +167,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=float, default=60)
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--user_learning_rate", type=float, default=0.1)
     parser.add_argument("--preference_dim", type=int, default=128)
     parser.add_argument("--head_hidden_dims", type=int, nargs="*", default=[512])
     parser.add_argument("--seed", type=int, default=0)
