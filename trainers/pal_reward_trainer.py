@@ -296,7 +296,7 @@ class PalRewardTrainer(RewardTrainer):
         user_index = model.user_rows(_column_list(dataset, args.user_column), unknown_users="population").tolist()
         output = {"user_index": user_index}
         if "margin" in columns:
-            output["margin"] = [float(m) for m in dataset["margin"]]
+            output["margin"] = [float(m) for m in _column_list(dataset, "margin")]
 
         if "chosen_features" in columns and "rejected_features" in columns:
             table = self._feature_table
