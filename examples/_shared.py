@@ -44,6 +44,13 @@ def load_demo_reward_model(path: str | None = DEFAULT_PATH, epochs: int = 20, se
     return model.eval(), tokenizer, dataset
 
 
+def add_reward_model_argument(parser) -> None:
+    """The examples' `--reward_model` option."""
+    parser.add_argument(
+        "--reward_model", default=DEFAULT_PATH, help="Saved PAL model (trained on the demo data if absent)."
+    )
+
+
 def demo_user(dataset, group: int) -> str:
     """The first seen user of demo group `group`."""
     for user, user_group in zip(dataset["train"]["user_id"], dataset["train"]["group"]):

@@ -19,6 +19,8 @@ import json
 import os
 from collections import defaultdict
 
+from _shared import add_reward_model_argument, demo_user, load_demo_reward_model, load_smollm2
+
 from pal_rm.best_of_n import best_of_n, sample_and_rerank
 
 
@@ -35,11 +37,7 @@ def candidate_pool(split, n: int, num_prompts: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--reward_model",
-        default="outputs/examples/pal-demo-reward",
-        help="Saved PAL model (trained on the demo data if absent).",
-    )
+    add_reward_model_argument(parser)
     parser.add_argument("--n", type=int, default=6, help="Candidates per request.")
     parser.add_argument("--num_prompts", type=int, default=20)
     parser.add_argument(
@@ -47,8 +45,6 @@ def main(argv=None):
     )
     parser.add_argument("--output", default="outputs/examples/best_of_n.json")
     args = parser.parse_args(argv)
-
-    from _shared import demo_user, load_demo_reward_model
 
     model, tokenizer, dataset = load_demo_reward_model(args.reward_model)
     users = {"formal user": demo_user(dataset, 0), "casual user": demo_user(dataset, 1)}
@@ -62,8 +58,6 @@ def main(argv=None):
 
     results = {"users": users, "n": args.n}
     if args.policy == "smollm2":
-        from _shared import load_smollm2
-
         policy, policy_tokenizer = load_smollm2()
         prompts = sorted(set(dataset["validation"]["prompt"]))[: args.num_prompts]
         for name, target in targets.items():

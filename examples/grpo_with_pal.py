@@ -22,7 +22,7 @@ import os
 import time
 
 import torch
-from _shared import demo_user, load_demo_reward_model, load_smollm2
+from _shared import add_reward_model_argument, demo_user, load_demo_reward_model, load_smollm2
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
@@ -51,7 +51,7 @@ class RewardLog(TrainerCallback):
 
 
 @torch.no_grad()
-def held_out_rewards(policy, tokenizer, requests, rewards, seed, max_new_tokens):
+def held_out_rewards(policy, tokenizer, requests, reward_model, reward_tokenizer, users, seed, max_new_tokens):
     """Mean reward of each user on the policy's notes for `requests` (sampled with a fixed seed)."""
     policy.eval()
     torch.manual_seed(seed)
@@ -63,10 +63,15 @@ def held_out_rewards(policy, tokenizer, requests, rewards, seed, max_new_tokens)
         output = policy.generate(**inputs, do_sample=True, max_new_tokens=max_new_tokens, num_return_sequences=2)
         completions += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     repeated = [request for request in requests for _ in range(2)]
-    scores = {}
-    for name, reward in rewards.items():
-        values = reward(repeated, completions, user_id=[reward.user] * len(completions))
-        scores[name] = sum(values) / len(values)
+    with torch.inference_mode():
+        scores = {
+            name: reward_model.score_texts(
+                reward_tokenizer, repeated, completions, users=user, allow_empty_responses=True
+            )
+            .mean()
+            .item()
+            for name, user in users.items()
+        }
     policy.train()
     return scores, completions
 
@@ -76,9 +81,7 @@ def main():
     parser.add_argument(
         "--target", choices=sorted(GROUPS), default="formal", help="The user the policy is trained for."
     )
-    parser.add_argument(
-        "--reward_model", default="outputs/examples/pal-demo-reward", help="Saved PAL model (trained if absent)."
-    )
+    add_reward_model_argument(parser)
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--learning_rate", type=float, default=3e-5)
     parser.add_argument("--num_generations", type=int, default=4)
@@ -96,12 +99,12 @@ def main():
     other = next(name for name in GROUPS if name != args.target)
     # The PAL model was trained on plain-text requests; the policy gets them as chat messages. `prompt_column` scores
     # each completion against the plain request.
-    rewards = {}
-    for name in GROUPS:
-        reward = PalRewardFunction(
+    rewards = {
+        name: PalRewardFunction(
             reward_model, reward_tokenizer, user_column=f"{name}_user", prompt_column="request", name=f"pal_{name}"
         )
-        rewards[name] = reward
+        for name in GROUPS
+    }
     train_requests = sorted(set(dataset["train"]["prompt"]))
     eval_requests = sorted(set(dataset["validation"]["prompt"]))[: args.num_eval_requests]
     train_dataset = Dataset.from_dict(
@@ -115,12 +118,16 @@ def main():
     policy, tokenizer = load_smollm2()
 
     def score_held_out():
-        scorers = {}
-        for name in GROUPS:
-            scorer = PalRewardFunction(reward_model, reward_tokenizer, name=f"pal_{name}")
-            scorer.user = users[name]
-            scorers[name] = scorer
-        return held_out_rewards(policy, tokenizer, eval_requests, scorers, args.seed, args.max_completion_length)
+        return held_out_rewards(
+            policy,
+            tokenizer,
+            eval_requests,
+            reward_model,
+            reward_tokenizer,
+            users,
+            args.seed,
+            args.max_completion_length,
+        )
 
     before, before_notes = score_held_out()
     log = RewardLog()

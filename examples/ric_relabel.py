@@ -25,6 +25,7 @@ import json
 import os
 
 import torch
+from _shared import add_reward_model_argument, load_demo_reward_model
 from datasets import Dataset
 from tqdm.auto import tqdm
 
@@ -81,18 +82,12 @@ def relabel(model, tokenizer, dataset: Dataset, batch_size: int = 64) -> tuple[D
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--reward_model",
-        default="outputs/examples/pal-demo-reward",
-        help="Saved PAL model (trained on the demo data if absent).",
-    )
+    add_reward_model_argument(parser)
     parser.add_argument("--split", default="train", help="Split of the built-in demo data to relabel.")
     parser.add_argument("--max_rows", type=int, default=None, help="Relabel only the first rows.")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--output", default="outputs/examples/ric_demo.jsonl")
     args = parser.parse_args(argv)
-
-    from _shared import load_demo_reward_model
 
     model, tokenizer, dataset = load_demo_reward_model(args.reward_model)
     data = dataset[args.split]

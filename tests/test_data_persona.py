@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pal_rm.data import DEFAULT_PERSONAS, SPLIT_NAMES, load_persona_preferences
+from pal_rm.data import DEFAULT_PERSONAS, SPLIT_NAMES, available_personas, load_persona_preferences
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "persona"
 PERSONAS = ["enjoys-cooking", "night-owl", "early-bird", "loves-dogs"]
@@ -191,3 +191,7 @@ def test_real_persona_files():
     assert set(dataset["train"]["persona"]) == set(DEFAULT_PERSONAS)
     train = set(dataset["train"]["statement"]) | set(dataset["unseen_train"]["statement"])
     assert train.isdisjoint(set(dataset["test"]["statement"]) | set(dataset["unseen_test"]["statement"]))
+
+
+def test_available_personas_lists_the_folder():
+    assert available_personas(FIXTURE_DIR) == ["early-bird", "enjoys-cooking", "loves-dogs", "night-owl"]

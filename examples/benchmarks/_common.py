@@ -18,6 +18,7 @@ from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 logger = logging.get_logger("pal_rm.benchmarks")
 
 OUTPUT_DIR = "outputs/benchmarks"
+PERSONA_DATA_DIR = os.path.join("..", "shared", "data", "anthropic-persona")  # beside the repository, never in it
 SHOTS = (1, 2, 5, 10, 20, 50)
 INDEPENDENT_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 

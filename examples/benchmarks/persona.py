@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (  # noqa: E402
     OUTPUT_DIR,
+    PERSONA_DATA_DIR,
     SHOTS,
     independent_results,
     machine,
@@ -43,10 +44,8 @@ from transformers import AutoTokenizer, set_seed  # noqa: E402
 
 from pal_rm import PalRewardModel  # noqa: E402
 from pal_rm.cache import EmbeddingCache, featurize_preferences  # noqa: E402
-from pal_rm.data import load_persona_preferences  # noqa: E402
+from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
 from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
-
-DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "anthropic-persona")
 
 
 def run_setting(dataset, num_groups, ks, args, shots):
@@ -160,7 +159,7 @@ def plot(results: dict, path: str, shots) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR, help="Folder of the Anthropic persona jsonl files.")
+    parser.add_argument("--data_dir", default=PERSONA_DATA_DIR, help="Folder of the Anthropic persona jsonl files.")
     parser.add_argument("--backbone", default=MINILM)
     parser.add_argument("--settings", nargs="+", default=["standard", "mixture"], choices=["standard", "mixture"])
     # Head size and optimisation were chosen on the seen users' validation accuracy (never the test splits).
@@ -183,8 +182,7 @@ def main(argv=None):
     if args.smoke:
         args.epochs = 2
         data_kwargs.update(users_per_group=3, pairs_per_user=10, num_unseen_users=4, unseen_test_pairs=5)
-        personas = sorted(f[: -len(".jsonl")] for f in os.listdir(args.data_dir) if f.endswith(".jsonl"))
-        data_kwargs["personas"] = personas
+        data_kwargs["personas"] = available_personas(args.data_dir)
 
     backbone = resolve_model_path(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)

@@ -206,25 +206,13 @@ def render_grpo_with_pal(result, results_dir) -> str:
     first, last = result["train_reward_first_steps"], result["train_reward_last_steps"]
     before, after = result["held_out_before"], result["held_out_after"]
     window = max(1, len(result["per_step"]) // 4)
+    comparisons = (
+        (f"training batches, first / last {window} steps", first, last),
+        (f"held-out requests ({config['num_eval_requests']} x 2 samples)", before, after),
+    )
     rows = [
-        [
-            f"training batches, first / last {window} steps",
-            first[target],
-            first[other],
-            first[target] - first[other],
-            last[target],
-            last[other],
-            last[target] - last[other],
-        ],
-        [
-            f"held-out requests ({config['num_eval_requests']} x 2 samples)",
-            before[target],
-            before[other],
-            before[target] - before[other],
-            after[target],
-            after[other],
-            after[target] - after[other],
-        ],
+        [label, *(value for r in (start, end) for value in (r[target], r[other], r[target] - r[other]))]
+        for label, start, end in comparisons
     ]
     header = [
         "mean PAL reward",

@@ -33,17 +33,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from _common import OUTPUT_DIR, machine, markdown_table, write_json  # noqa: E402
+from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, write_json  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup, set_seed  # noqa: E402
 
 from pal_rm import PalRewardModel  # noqa: E402
-from pal_rm.data import load_persona_preferences  # noqa: E402
+from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
 from pal_rm.modeling_pal import format_preference_texts  # noqa: E402
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer  # noqa: E402
 from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
 
-DEFAULT_DATA_DIR = os.path.join("..", "shared", "data", "anthropic-persona")
 PARTS = ("cached", "naive", "scoring", "users")
 
 
@@ -60,7 +59,7 @@ def load_data(args, **overrides):
     kwargs = {"num_groups": 4, "users_per_group": 10, "pairs_per_user": 50, "num_unseen_users": 0, "seed": args.seed}
     if args.smoke:
         kwargs.update(num_groups=2, users_per_group=3, pairs_per_user=10)
-        kwargs["personas"] = sorted(f[:-6] for f in os.listdir(args.data_dir) if f.endswith(".jsonl"))
+        kwargs["personas"] = available_personas(args.data_dir)
     return load_persona_preferences(args.data_dir, **{**kwargs, **overrides})
 
 
@@ -298,7 +297,7 @@ def plot(results: dict, path: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default=DEFAULT_DATA_DIR)
+    parser.add_argument("--data_dir", default=PERSONA_DATA_DIR)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--new_users", type=int, default=1000)
     parser.add_argument("--registered_users", type=int, default=1_000_000)

@@ -5,7 +5,7 @@ comparisons of the same new users)."""
 
 from ._common import SPLIT_NAMES
 from .demo import DEMO_GROUP_PREFERENCES, DEMO_PROPERTIES, load_demo_preferences
-from .persona import DEFAULT_PERSONAS, load_persona_preferences
+from .persona import DEFAULT_PERSONAS, available_personas, load_persona_preferences
 from .summary import SUMMARY_GROUPS, load_summary_preferences
 from .synthetic import bayes_optimal_accuracy, load_synthetic_preferences
 
@@ -15,6 +15,7 @@ __all__ = [
     "DEMO_PROPERTIES",
     "SPLIT_NAMES",
     "SUMMARY_GROUPS",
+    "available_personas",
     "bayes_optimal_accuracy",
     "load_demo_preferences",
     "load_persona_preferences",

@@ -78,7 +78,8 @@ _POOLS = ("train", "validation", "test")
 _POOL_STREAM, _GROUP_STREAM, _USER_STREAM, _UNSEEN_STREAM = 0, 1, 2, 3
 
 
-def _available_personas(data_dir: str) -> list[str]:
+def available_personas(data_dir: str | os.PathLike) -> list[str]:
+    """The persona names (file names without `.jsonl`) of a folder of persona files, sorted."""
     return sorted(name[: -len(".jsonl")] for name in os.listdir(data_dir) if name.endswith(".jsonl"))
 
 
@@ -310,7 +311,7 @@ def load_persona_preferences(
         raise ValueError(
             f"`data_dir` {data_dir!r} is not a directory: pass the folder of Anthropic persona `<persona>.jsonl` files."
         )
-    available = _available_personas(data_dir)
+    available = available_personas(data_dir)
     if not available:
         raise ValueError(f"`data_dir` {data_dir!r} holds no `.jsonl` files: pass the folder of persona files.")
     if isinstance(personas, str) or (personas is not None and len(personas) == 0):
