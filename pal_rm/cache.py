@@ -18,12 +18,15 @@ logger = logging.get_logger(__name__)
 
 
 def backbone_hash(model, max_length: int | None) -> str:
-    """A short hash that changes when the backbone (config, name, weights), the pooling or the max length change."""
+    """
+    A short hash that changes when the backbone (config, name, weights), the pooling, the max length or the tokenizer
+    (its recorded framing and vocabulary fingerprint) change.
+    """
     config = model.config
     digest = hashlib.sha256()
     digest.update(json.dumps(config.backbone_config.to_dict(), sort_keys=True, default=str).encode())
     digest.update(str(getattr(config.backbone_config, "_name_or_path", "")).encode())
-    digest.update(f"{config.pooling}|{max_length}".encode())
+    digest.update(f"{config.pooling}|{max_length}|{json.dumps(config.sequence_framing, sort_keys=True)}".encode())
     with torch.no_grad():
         for name, tensor in model.backbone.state_dict().items():
             flat = tensor.detach().reshape(-1)
@@ -107,9 +110,10 @@ class EmbeddingCache:
         show_progress: bool = True,
     ) -> torch.Tensor:
         """Features `(len(texts), hidden_size)` (float32, CPU); only texts never seen before reach the backbone."""
-        from .modeling_pal import _default_max_length
+        from .modeling_pal import default_max_length
 
-        max_length = max_length or _default_max_length(tokenizer, model.config)
+        model.register_tokenizer(tokenizer)
+        max_length = max_length or default_max_length(tokenizer, model.config)
         fingerprint = backbone_hash(model, max_length)
         store = self._store(fingerprint)
         keys = [_text_key(text) for text in texts]

@@ -69,6 +69,11 @@ class PalConfig(PretrainedConfig):
             [`PalRewardModel.add_users`].
         hashed_user_ids (`bool`, *optional*, defaults to `False`):
             Whether `user_ids` holds salted hashes of the user ids (see `pal_rm.hub.push_to_hub(hash_user_ids=True)`).
+        sequence_framing (`dict`, *optional*):
+            The tokenizer this model reads texts with, recorded by [`PalRewardModel.register_tokenizer`]: the special
+            tokens it puts around a text (`prefix_ids`, `suffix_ids`), the EOS token appended to responses
+            (`eos_token_id`), its size and a fingerprint of its vocabulary. Token ids from any entry point are brought
+            to this canonical form, and another tokenizer is refused. `None` until a tokenizer is first used.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the user logits.
 
@@ -104,6 +109,7 @@ class PalConfig(PretrainedConfig):
         feature_dim=None,
         user_ids=None,
         hashed_user_ids: bool = False,
+        sequence_framing: dict | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -176,6 +182,12 @@ class PalConfig(PretrainedConfig):
         self.feature_dim = feature_dim
         self.user_ids = user_ids
         self.hashed_user_ids = bool(hashed_user_ids)
+        if sequence_framing is not None:
+            missing = {"prefix_ids", "suffix_ids", "eos_token_id", "tokenizer_fingerprint"} - set(sequence_framing)
+            if missing:
+                raise ValueError(f"`sequence_framing` lacks {sorted(missing)}; set it with `register_tokenizer`.")
+            sequence_framing = dict(sequence_framing)
+        self.sequence_framing = sequence_framing
         self.initializer_range = initializer_range
 
         kwargs["num_labels"] = 1

@@ -117,6 +117,152 @@ def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor
     return hidden_states[torch.arange(hidden_states.shape[0], device=hidden_states.device), last]
 
 
+# ---------------------------------------------------------------------- the canonical token form of a text
+# Every entry point (the trainer, `score_texts`, `PalRewardFunction`, TRL's model-as-reward path, `pipeline`) must give
+# the same reward for the same text. They tokenize differently: TRL's online trainers call the tokenizer with
+# `add_special_tokens=False` and append no EOS, `pipeline` adds the tokenizer's special tokens but no EOS, the trainer
+# appends EOS (as TRL's `RewardTrainer` does). The model therefore records its tokenizer's *framing* (the special
+# tokens the tokenizer puts before and after a text, and its EOS token) and brings every sequence to one canonical
+# form:
+#
+#     item (prompt + response):  prefix + content + [eos] + suffix      e.g. [CLS] ... [SEP] or ... <|endoftext|>
+#     prompt (PAL-B only):       prefix + content + suffix
+#
+# where `content` is the text tokenized without special tokens. Tokenizing a text this way and framing token ids that
+# lack their prefix, EOS or suffix give the same ids, so the reward depends on the text alone.
+
+_FRAMING_CACHE = None
+
+
+def sequence_framing(tokenizer) -> dict:
+    """
+    The framing of `tokenizer`: `{"prefix_ids", "suffix_ids", "eos_token_id", "vocab_size", "tokenizer_fingerprint"}`.
+    `prefix_ids` / `suffix_ids` are the special tokens the tokenizer adds around a text (for example `[CLS]` and
+    `[SEP]`, or a BOS token); `eos_token_id` is appended to responses unless the suffix already holds it; the
+    fingerprint is a hash of the vocabulary, so a model can tell its own tokenizer from another one.
+    """
+    global _FRAMING_CACHE
+    import weakref
+
+    if _FRAMING_CACHE is None:
+        _FRAMING_CACHE = weakref.WeakKeyDictionary()
+    try:
+        cached = _FRAMING_CACHE.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == len(tokenizer):
+        return dict(cached[1])
+
+    import hashlib
+    import json
+
+    probe = "pal rm framing probe"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    content = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    prefix, suffix = [], []
+    for start in range(len(with_special) - len(content) + 1):
+        if with_special[start : start + len(content)] == content:
+            prefix, suffix = with_special[:start], with_special[start + len(content) :]
+            break
+    else:
+        logger.warning(
+            f"Could not tell which special tokens {type(tokenizer).__name__} adds around a text; PAL scores texts "
+            "without them."
+        )
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos in suffix:
+        eos = None  # the tokenizer appends EOS itself
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps([vocab, prefix, suffix, eos]).encode("utf-8")).hexdigest()[:16]
+    framing = {
+        "prefix_ids": prefix,
+        "suffix_ids": suffix,
+        "eos_token_id": eos,
+        "vocab_size": len(tokenizer),
+        "tokenizer_fingerprint": digest,
+    }
+    try:
+        _FRAMING_CACHE[tokenizer] = (len(tokenizer), framing)
+    except TypeError:
+        pass
+    return dict(framing)
+
+
+def frame_token_ids(
+    content: Sequence[int], framing: dict, kind: str = "item", max_length: int | None = None
+) -> list[int]:
+    """
+    The canonical token ids of one sequence (see `sequence_framing`): `prefix + content + [eos] + suffix` for an
+    `"item"` (prompt + response), `prefix + content + suffix` for a `"prompt"`. Framing tokens already present are kept
+    once, so the function is idempotent. With `max_length`, the content is truncated from the left (the end of a
+    response survives a long prompt).
+    """
+    prefix, suffix = list(framing["prefix_ids"]), list(framing["suffix_ids"])
+    eos = framing["eos_token_id"] if kind == "item" else None
+    content = list(content)
+    if prefix and content[: len(prefix)] == prefix:
+        content = content[len(prefix) :]
+    if suffix and len(content) >= len(suffix) and content[-len(suffix) :] == suffix:
+        content = content[: -len(suffix)]
+    if eos is not None and (not content or content[-1] != eos):
+        content.append(eos)
+    if max_length is not None:
+        budget = max_length - len(prefix) - len(suffix)
+        if budget < 1:
+            raise ValueError(f"`max_length={max_length}` leaves no room for text between the special tokens.")
+        if len(content) > budget:
+            content = content[len(content) - budget :]
+    return prefix + content + suffix
+
+
+def _frame_batch(input_ids, attention_mask, framing: dict, kind: str, pad_token_id: int):
+    """Brings a padded batch of token ids to the canonical form; returns it unchanged when it already is."""
+    prefix = list(framing["prefix_ids"])
+    end = ([framing["eos_token_id"]] if kind == "item" and framing["eos_token_id"] is not None else []) + list(
+        framing["suffix_ids"]
+    )
+    if not prefix and not end:
+        return input_ids, attention_mask, False
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    valid = mask > 0
+    lengths = valid.sum(1)
+    first = valid.long().argmax(1)
+    last = first + lengths - 1
+    width = input_ids.shape[1]
+    ok = lengths >= len(prefix) + len(end)
+    for offset, token in enumerate(prefix):
+        position = (first + offset).clamp(max=width - 1)
+        ok &= input_ids.gather(1, position.unsqueeze(1)).squeeze(1) == token
+    for offset, token in enumerate(end):
+        position = (last - (len(end) - 1 - offset)).clamp(min=0, max=width - 1)
+        ok &= input_ids.gather(1, position.unsqueeze(1)).squeeze(1) == token
+    if bool(ok.all()):
+        return input_ids, attention_mask, False
+    left_padded = bool((~valid[:, 0]).any()) and bool(valid[:, -1].all())
+    rows = []
+    for row in range(input_ids.shape[0]):
+        content = input_ids[row, first[row] : first[row] + lengths[row]].tolist()
+        rows.append(content if bool(ok[row]) else frame_token_ids(content, framing, kind))
+    longest = max(len(row) for row in rows)
+    framed = torch.full((len(rows), longest), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+    framed_mask = torch.zeros((len(rows), longest), dtype=mask.dtype, device=input_ids.device)
+    for index, row in enumerate(rows):
+        span = slice(longest - len(row), longest) if left_padded else slice(0, len(row))
+        framed[index, span] = torch.tensor(row, dtype=input_ids.dtype, device=input_ids.device)
+        framed_mask[index, span] = 1
+    return framed, framed_mask, True
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str], framing: dict, max_length: int) -> list[list[int]]:
+    """
+    Token ids of texts in the canonical form: each text tokenized without special tokens, then framed with the
+    tokenizer's prefix and suffix and truncated from the left to `max_length`. Item texts already end with the EOS
+    token (see `format_preference_texts`).
+    """
+    content = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    return [frame_token_ids(ids, framing, "prompt", max_length=max_length) for ids in content]
+
+
 class PalPreTrainedModel(PreTrainedModel):
     config_class = PalConfig
     base_model_prefix = "backbone"
@@ -196,6 +342,15 @@ class PalRewardModel(PalPreTrainedModel):
         model = cls(config)
         model.backbone = backbone
         model.config.backbone_config = backbone.config
+        if model.config.sequence_framing is None:
+            try:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(backbone_name_or_path)
+            except Exception as error:  # a backbone without a tokenizer: the first tokenizer used is recorded
+                logger.info(f"No tokenizer next to {backbone_name_or_path} ({error}); none recorded yet.")
+            else:
+                model.register_tokenizer(tokenizer)
         return model
 
     # ------------------------------------------------------------------ saving and loading
@@ -384,7 +539,10 @@ class PalRewardModel(PalPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        """Runs the backbone and pools its last hidden states: `phi(x)`, of shape `(batch_size, hidden_size)`."""
+        """
+        Runs the backbone and pools its last hidden states: `phi(x)`, of shape `(batch_size, hidden_size)`. Left-padded
+        rows get position ids that start at their first token, so padding side does not change the reward.
+        """
         if self.backbone is None:
             raise ValueError(
                 "This PAL model has no backbone (`backbone_config=None`): pass pooled `item_features` / "
@@ -393,15 +551,86 @@ class PalRewardModel(PalPreTrainedModel):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
+        if attention_mask is not None and self._backbone_takes_position_ids():
+            valid = attention_mask > 0
+            if bool((~valid[:, 0]).any()):  # left padding: count positions from each row's first token
+                kwargs["position_ids"] = (valid.long().cumsum(-1) - 1).clamp(min=0)
         hidden_states = self.backbone(**kwargs).last_hidden_state
         return pool_hidden_states(hidden_states, attention_mask, self.config.pooling)
+
+    def _backbone_takes_position_ids(self) -> bool:
+        cached = self.__dict__.get("_takes_position_ids")
+        if cached is None or cached[0] is not self.backbone:
+            import inspect
+
+            takes = "position_ids" in inspect.signature(self.backbone.forward).parameters
+            cached = (self.backbone, takes)
+            self.__dict__["_takes_position_ids"] = cached
+        return cached[1]
 
     def _features(self, features, input_ids, attention_mask, token_type_ids, name: str) -> torch.Tensor | None:
         if features is not None:
             return self._check_features(features, f"{name}_features")
         if input_ids is None:
             return None
+        input_ids, attention_mask, token_type_ids = self.frame_input_ids(
+            input_ids, attention_mask, token_type_ids, name
+        )
         return self._check_features(self.encode(input_ids, attention_mask, token_type_ids), f"{name}_features")
+
+    def frame_input_ids(self, input_ids, attention_mask=None, token_type_ids=None, kind: str = "item"):
+        """
+        Brings token ids to the canonical form the model was trained on (see `sequence_framing`): adds the tokenizer's
+        missing special tokens and, for items, the EOS token, so that TRL's model-as-reward path
+        (`add_special_tokens=False`, no EOS), `pipeline` (special tokens, no EOS) and the trainer give the same reward
+        for the same text. Sequences already in that form are returned unchanged. Returns `(input_ids,
+        attention_mask, token_type_ids)`; `token_type_ids` becomes `None` (one segment) for rows that were framed.
+        """
+        framing = self.config.sequence_framing
+        if framing is None:
+            if not self.__dict__.get("_warned_no_framing"):
+                self.__dict__["_warned_no_framing"] = True
+                logger.warning(
+                    "This PAL model does not know its tokenizer (`config.sequence_framing` is unset), so token ids are "
+                    "scored as given: the reward of a text may then depend on how it was tokenized (special tokens, "
+                    "EOS). Call `model.register_tokenizer(tokenizer)` once (the trainer and `score_texts` do it)."
+                )
+            return input_ids, attention_mask, token_type_ids
+        pad_token_id = getattr(self.config.get_text_config(), "pad_token_id", None)
+        framed, mask, changed = _frame_batch(input_ids, attention_mask, framing, kind, pad_token_id or 0)
+        if not changed:
+            return input_ids, attention_mask, token_type_ids
+        return framed, mask, None
+
+    def register_tokenizer(self, tokenizer) -> None:
+        """
+        Records the tokenizer this model reads texts with (its framing and a fingerprint of its vocabulary, in
+        `config.sequence_framing`), or checks that `tokenizer` is that tokenizer. A tokenizer with another vocabulary
+        (smaller or larger) is an error: token ids would silently mean other tokens. The trainer, `score_texts` and
+        `PalRewardFunction` call it; `from_backbone` records the backbone's own tokenizer when it can load it.
+        """
+        if self.backbone is None:
+            return
+        vocab_size = getattr(self.config.get_text_config(), "vocab_size", None)
+        model_type = self.config.backbone_config.model_type
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) does not match the backbone "
+                f"({model_type}, vocabulary of {vocab_size}): it has more tokens than the backbone has embeddings. Use "
+                "the tokenizer saved with the model (`AutoTokenizer.from_pretrained(model_path)`)."
+            )
+        framing = sequence_framing(tokenizer)
+        recorded = self.config.sequence_framing
+        if recorded is None:
+            self.config.sequence_framing = framing
+            return
+        if recorded.get("tokenizer_fingerprint") != framing["tokenizer_fingerprint"]:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) does not match the backbone: this "
+                f"model was trained with another tokenizer ({recorded.get('vocab_size')} tokens, fingerprint "
+                f"{recorded.get('tokenizer_fingerprint')}, this one {framing['tokenizer_fingerprint']}). Use the "
+                "tokenizer saved with the model (`AutoTokenizer.from_pretrained(model_path)`)."
+            )
 
     def resolve_mixture_weights(self, user_ids=None, mixture_weights=None, batch_size: int = 1) -> torch.Tensor:
         """
@@ -435,8 +664,12 @@ class PalRewardModel(PalPreTrainedModel):
         if not isinstance(user_ids, torch.Tensor):
             user_ids = self.user_rows(list(user_ids))
         rows = self._tile(user_ids.to(device).long().view(-1), batch_size, "user_ids")
-        if (rows >= self.num_users).any():
-            raise IndexError(f"User row {int(rows.max())} is out of range: the model has {self.num_users} users.")
+        if (rows >= self.num_users).any() or (rows < -1).any():
+            bad = int(rows.max()) if (rows >= self.num_users).any() else int(rows.min())
+            raise IndexError(
+                f"User row {bad} is out of range: the model has {self.num_users} users (rows 0 to "
+                f"{self.num_users - 1}, or -1 for the population mixture)."
+            )
         known = rows >= 0
         weights = self.population_mixture.unsqueeze(0).expand(batch_size, -1)
         if known.any():
@@ -516,7 +749,9 @@ class PalRewardModel(PalPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
-                Prompt + response tokens of the sequences to score.
+                Prompt + response tokens of the sequences to score, left or right padded. Sequences that lack the
+                tokenizer's special tokens or the EOS token are brought to the canonical form first
+                ([`~PalRewardModel.frame_input_ids`]), so the reward of a text does not depend on how it was tokenized.
             user_ids (`torch.LongTensor` of shape `(batch_size,)` or `(num_pairs,)`, or a list of `str`, *optional*):
                 Rows of the user table (`-1`: the population mixture) or registered string ids. A tensor with fewer
                 rows than the batch is tiled (TRL's chosen-then-rejected layout). `None`: the population mixture.
@@ -581,15 +816,6 @@ class PalRewardModel(PalPreTrainedModel):
         return self.similarity(embeddings, ideal_point).unsqueeze(-1)
 
     # ------------------------------------------------------------------ text API
-    def _check_tokenizer(self, tokenizer) -> None:
-        vocab_size = getattr(self.config.get_text_config(), "vocab_size", None)
-        if self.backbone is not None and vocab_size is not None and len(tokenizer) > vocab_size:
-            raise ValueError(
-                f"The tokenizer ({type(tokenizer).__name__}, {len(tokenizer)} tokens) does not match the backbone "
-                f"({self.config.backbone_config.model_type}, vocabulary of {vocab_size}). Use the tokenizer saved with "
-                "the model (`AutoTokenizer.from_pretrained(model_path)`)."
-            )
-
     @torch.no_grad()
     def encode_texts(
         self,
@@ -603,18 +829,18 @@ class PalRewardModel(PalPreTrainedModel):
         Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU. Texts are batched by
         length and truncated from the left (so the end of a response survives a long prompt).
         """
-        self._check_tokenizer(tokenizer)
         if self.backbone is None:
             raise ValueError("This PAL model has no backbone: it scores pooled features, not texts.")
+        self.register_tokenizer(tokenizer)
+        framing = self.config.sequence_framing
         texts = list(texts)
-        max_length = max_length or _default_max_length(tokenizer, self.config)
+        max_length = max_length or default_max_length(tokenizer, self.config)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         features = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
         device = self.item_head.layers[-1].weight.device
         was_training = self.training
         self.eval()
-        truncation_side = tokenizer.truncation_side
-        tokenizer.truncation_side = "left"
         batches = range(0, len(order), batch_size)
         if show_progress:
             from tqdm.auto import tqdm
@@ -623,20 +849,17 @@ class PalRewardModel(PalPreTrainedModel):
         try:
             for start in batches:
                 index = order[start : start + batch_size]
-                encoded = tokenizer(
-                    [texts[i] for i in index],
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_tensors="pt",
-                )
-                encoded = {key: value.to(device) for key, value in encoded.items() if key != "offset_mapping"}
-                pooled = self.encode(
-                    encoded["input_ids"], encoded.get("attention_mask"), encoded.get("token_type_ids")
-                )
+                ids = tokenize_texts(tokenizer, [texts[i] for i in index], framing, max_length)
+                input_ids, attention_mask = pad_token_ids(ids, pad_token_id or 0, device)
+                pooled = self.encode(input_ids, attention_mask)
+                if not torch.isfinite(pooled).all():
+                    bad = [index[row] for row in (~torch.isfinite(pooled).all(-1)).nonzero().flatten().tolist()]
+                    raise ValueError(
+                        f"The backbone returned non-finite features (NaN or inf) for texts {bad[:10]} (positions in "
+                        "the list given). Check the backbone's dtype (float16 overflows easily) and weights."
+                    )
                 features[torch.tensor(index)] = pooled.float().cpu()
         finally:
-            tokenizer.truncation_side = truncation_side
             self.train(was_training)
         return features
 
@@ -710,7 +933,8 @@ def hash_user_id(user_id: str, salt: str) -> str:
     return "sha256:" + hashlib.sha256(f"{salt}\x00{user_id}".encode()).hexdigest()[:32]
 
 
-def _default_max_length(tokenizer, config) -> int:
+def default_max_length(tokenizer, config) -> int:
+    """The truncation length used when none is given: the smallest of 512, the tokenizer's and the backbone's limits."""
     limits = [512]
     model_max_length = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max_length, int) and 0 < model_max_length < 1_000_000:
@@ -719,6 +943,17 @@ def _default_max_length(tokenizer, config) -> int:
     if isinstance(positions, int) and positions > 0:
         limits.append(positions)
     return min(limits)
+
+
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None):
+    """Right-pads lists of token ids into `(input_ids, attention_mask)` tensors."""
+    longest = max((len(ids) for ids in sequences), default=0)
+    input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids.to(device), attention_mask.to(device)
 
 
 def render_messages(tokenizer, messages, add_generation_prompt: bool = False) -> str:
@@ -735,7 +970,8 @@ def _is_conversation(value) -> bool:
 def format_preference_texts(tokenizer, prompt, response, row=None, allow_empty: bool = False) -> tuple[str, str]:
     """
     `(prompt_text, item_text)` for one response: the item is the prompt followed by the response, as the backbone
-    reads it (TRL's convention; the EOS token is appended to plain text when the tokenizer has one). Conversations are
+    reads it, ending with the tokenizer's EOS token when it has one (TRL's `RewardTrainer` convention; see
+    `sequence_framing` for how the model brings token ids from other paths to the same form). Conversations are
     rendered with the tokenizer's chat template. Raises `ValueError` naming the row on empty or ill-typed texts.
     """
     where = f" (row {row})" if row is not None else ""
@@ -750,7 +986,7 @@ def format_preference_texts(tokenizer, prompt, response, row=None, allow_empty: 
         if not allow_empty and (not response or not any(str(m["content"]).strip() for m in response)):
             raise ValueError(f"Empty response{where}: every response needs some text.")
         prompt_text = render_messages(tokenizer, prompt, add_generation_prompt=True) if prompt else ""
-        return prompt_text, render_messages(tokenizer, prompt + response)
+        return prompt_text, _append_eos(tokenizer, render_messages(tokenizer, prompt + response))
     if not isinstance(prompt, str) or not isinstance(response, str):
         raise ValueError(
             f"Prompt and response must be strings or lists of messages{where}, got {type(prompt).__name__} and "
@@ -758,11 +994,23 @@ def format_preference_texts(tokenizer, prompt, response, row=None, allow_empty: 
         )
     if not allow_empty and not response.strip():
         raise ValueError(f"Empty response{where}: every response needs some text.")
-    item = prompt + response
+    return prompt, _append_eos(tokenizer, prompt + response)
+
+
+def _append_eos(tokenizer, text: str) -> str:
     eos = getattr(tokenizer, "eos_token", None)
-    if eos and not item.endswith(eos):
-        item = item + eos
-    return prompt, item
+    if eos and not text.endswith(eos):
+        text = text + eos
+    return text
 
 
-__all__ = ["PalPreTrainedModel", "PalRewardModel", "PalRewardModelOutput"]
+__all__ = [
+    "PalPreTrainedModel",
+    "PalRewardModel",
+    "PalRewardModelOutput",
+    "default_max_length",
+    "format_preference_texts",
+    "frame_token_ids",
+    "sequence_framing",
+    "tokenize_texts",
+]

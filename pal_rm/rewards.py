@@ -60,7 +60,7 @@ class PalRewardFunction:
     ):
         if not hasattr(model, "score_texts"):
             raise TypeError(f"`model` must be a PalRewardModel, got {type(model).__name__}.")
-        model._check_tokenizer(tokenizer)
+        model.register_tokenizer(tokenizer)
         if mixture is not None:
             model.resolve_mixture_weights(mixture_weights=mixture)  # raises if not on the simplex
             mixture = [float(value) for value in mixture]

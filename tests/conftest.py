@@ -55,6 +55,24 @@ def tiny_model(kind: str = "gpt2", vocab_size: int = 64, seed: int = 0, **config
     return PalRewardModel(config)
 
 
+def tiny_policy(tokenizer):
+    """A 1-layer GPT-2 causal LM over `tokenizer`'s vocabulary: a policy for TRL's online trainers."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
 @pytest.fixture(scope="session")
 def demo_dataset():
     from pal_rm.data import load_demo_preferences

@@ -190,7 +190,8 @@ def test_format_preference_texts(word_tokenizer):
     conversation = format_preference_texts(
         word_tokenizer, [{"role": "user", "content": "hello"}], [{"role": "assistant", "content": "world"}]
     )
-    assert conversation == ("user: hello\n", "user: hello\nassistant: world\n")
+    # Conversations end with EOS too: one canonical form for every item, whatever its source.
+    assert conversation == ("user: hello\n", "user: hello\nassistant: world\n[EOS]")
     with pytest.raises(ValueError, match="Empty response \\(row 3\\)"):
         format_preference_texts(word_tokenizer, "hello", "  ", row=3)
     with pytest.raises(ValueError, match="must be strings or lists of messages \\(row 0\\)"):
@@ -329,21 +330,18 @@ def test_remote_code_loads_without_pal_rm(tmp_path):
 def test_pipeline_returns_raw_population_rewards_for_pal_a(tmp_path, word_tokenizer):
     model = tiny_model("bert", vocab_size=len(word_tokenizer), variant="a").eval()
     model.add_users(["alice"])
+    model.register_tokenizer(word_tokenizer)  # as the trainer, `from_backbone` and `score_texts` do
     model.save_pretrained(tmp_path)
     word_tokenizer.save_pretrained(tmp_path)
     scorer = pipeline("text-classification", model=str(tmp_path), tokenizer=str(tmp_path))
     texts = ["hello world", "the lazy dog"]
     scores = [result["score"] for result in scorer(texts, function_to_apply="none")]
     default_scores = [result["score"] for result in scorer(texts)]
-    expected = model.score_texts(word_tokenizer, ["", ""], texts).tolist()
-    # The pipeline adds no EOS, so compare with forward on the same tokens.
-    encoded = word_tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        forward = model(**encoded).logits.squeeze(-1).tolist()
-    assert scores == pytest.approx(forward, abs=1e-5)
-    assert default_scores == pytest.approx(forward, abs=1e-5)  # regression: no sigmoid
-    assert any(value < 0 for value in forward) or any(value > 1 for value in forward)
-    assert len(expected) == 2
+    expected = model.score_texts(word_tokenizer, ["", ""], texts)
+    # The pipeline tokenizes without EOS; the model brings the ids to the form `score_texts` uses.
+    torch.testing.assert_close(torch.tensor(scores), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(default_scores), expected, rtol=1e-5, atol=1e-5)  # regression: no sigmoid
+    assert (expected < 0).any() or (expected > 1).any()
 
 
 def test_pipeline_on_pal_b_raises(tmp_path, word_tokenizer):

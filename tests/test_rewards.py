@@ -2,9 +2,8 @@ import pickle
 
 import pytest
 import torch
-from conftest import make_word_tokenizer, tiny_model
+from conftest import make_word_tokenizer, tiny_model, tiny_policy
 from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from pal_rm import PalRewardFunction
 
@@ -95,21 +94,6 @@ def test_bad_input(tokenizer):
 
 
 # ---------------------------------------------------------------- real TRL online trainers
-def tiny_policy(tokenizer):
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=1,
-        n_embd=16,
-        n_head=2,
-        vocab_size=len(tokenizer),
-        n_positions=64,
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return GPT2LMHeadModel(config)
-
-
 def prompt_dataset():
     prompts = list(PROMPT_USER)
     return Dataset.from_dict({"prompt": prompts, "user_id": [PROMPT_USER[p] for p in prompts]})
@@ -173,26 +157,48 @@ def test_rloo_trainer_with_pal_reward(tmp_path, tokenizer):
     check_calls(reward, tokenizer)
 
 
-def test_pal_a_model_as_reward_model_gives_population_reward(tmp_path, tokenizer):
-    from trl import GRPOConfig, GRPOTrainer
+@pytest.mark.parametrize("trainer_name", ["grpo", "rloo"])
+def test_pal_a_model_as_reward_model_gives_population_reward(tmp_path, tokenizer, trainer_name):
+    """A PAL-A model passed to TRL as a reward model scores each completion with the population reward, and gives
+    exactly the reward `PalRewardFunction` (so `score_texts`) gives the same completion: TRL tokenizes `prompt +
+    completion` without special tokens or EOS, and the model brings those ids to the form it was trained on."""
+    import trl
 
     model = opposed_reward_model(tokenizer)
     with torch.no_grad():
         model.population_mixture.copy_(torch.tensor([0.9, 0.1]))
-    seen = []
-    model.register_forward_hook(lambda module, args, output: seen.append(output))
-    trainer = GRPOTrainer(
+    direct, through_function = [], []
+
+    def record(module, args, kwargs, output):
+        if kwargs.get("input_ids") is not None:  # TRL's own call on token ids (the reward function passes features)
+            direct.append(output)
+
+    model.register_forward_hook(record, with_kwargs=True)
+
+    class Recording(PalRewardFunction):
+        def __call__(self, prompts, completions, **columns):
+            rewards = super().__call__(prompts, completions, **columns)
+            through_function.append(torch.tensor(rewards))
+            return rewards
+
+    config_class, trainer_class = {
+        "grpo": (trl.GRPOConfig, trl.GRPOTrainer),
+        "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+    }[trainer_name]
+    extra = {"beta": 0.0} if trainer_name == "rloo" else {}
+    trainer = trainer_class(
         model=tiny_policy(tokenizer),
-        reward_funcs=[model],
-        reward_processing_classes=[tokenizer],
-        args=GRPOConfig(**common_args(tmp_path)),
+        reward_funcs=[model, Recording(model, tokenizer, user_column=None, name="population")],
+        reward_processing_classes=[tokenizer, None],
+        args=config_class(**common_args(tmp_path), **extra),
         train_dataset=prompt_dataset(),
         processing_class=tokenizer,
     )
     trainer.train()
-    assert len(seen) >= 2  # TRL called the model itself, once per step
-    for output in seen:
+    assert len(direct) >= 2 and len(direct) == len(through_function)  # TRL called the model itself, once per step
+    for output, expected in zip(direct, through_function):
         assert torch.allclose(output.mixture_weights, torch.tensor([0.9, 0.1]).expand_as(output.mixture_weights))
+        torch.testing.assert_close(output.logits.squeeze(-1), expected, rtol=1e-5, atol=1e-5)
     assert any(key.startswith("rewards/") for key in trainer.state.log_history[0])
 
 

@@ -20,7 +20,7 @@ from trl.trainer.utils import pad
 from pal_rm.cache import EmbeddingCache
 from pal_rm.hub import save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
-from pal_rm.modeling_pal import PalRewardModel, format_preference_texts
+from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
 
 from .pal_reward_config import PalRewardConfig
 
@@ -205,7 +205,7 @@ class PalRewardTrainer(RewardTrainer):
                 processing_class.pad_token = processing_class.eos_token
             if processing_class.pad_token is None:
                 raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
-            model._check_tokenizer(processing_class)
+            model.register_tokenizer(processing_class)
             model.config.get_text_config().pad_token_id = processing_class.pad_token_id
             model.backbone.requires_grad_(args.train_backbone)
         elif args.train_backbone:
@@ -366,16 +366,13 @@ class PalRewardTrainer(RewardTrainer):
             )
             return Dataset.from_dict(output)
 
-        max_length = args.max_length or _max_length(processing_class, model)
-        truncation_side = processing_class.truncation_side
-        processing_class.truncation_side = "left"
-        try:
-            encode = lambda texts: processing_class(texts, truncation=True, max_length=max_length)["input_ids"]  # noqa: E731
-            output["chosen_ids"] = encode(items_chosen)
-            output["rejected_ids"] = encode(items_rejected)
-            output["prompt_ids"] = encode(prompts) if use_prompts else [[] for _ in prompts]
-        finally:
-            processing_class.truncation_side = truncation_side
+        max_length = args.max_length or default_max_length(processing_class, model.config)
+        framing = model.config.sequence_framing
+        output["chosen_ids"] = tokenize_texts(processing_class, items_chosen, framing, max_length)
+        output["rejected_ids"] = tokenize_texts(processing_class, items_rejected, framing, max_length)
+        output["prompt_ids"] = (
+            tokenize_texts(processing_class, prompts, framing, max_length) if use_prompts else [[] for _ in prompts]
+        )
         return Dataset.from_dict(output)
 
     def _set_signature_columns_if_needed(self):
@@ -626,12 +623,6 @@ def _column_tensor(dataset: Dataset, column: str, dtype: torch.dtype) -> torch.T
 def _column_list(dataset: Dataset, column: str) -> list:
     """A column as a Python list, read in one go (not row by row)."""
     return dataset.select_columns([column])[:][column]
-
-
-def _max_length(tokenizer, model) -> int:
-    from pal_rm.modeling_pal import _default_max_length
-
-    return _default_max_length(tokenizer, model.config)
 
 
 __all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardTrainer"]
