@@ -81,6 +81,8 @@ class EmbeddingCache:
             features = load_file(tensor_path)["features"]
             if features.shape[0] != len(keys):
                 raise ValueError("index and features disagree")
+            if not torch.isfinite(features).all():
+                raise ValueError("it holds NaN or inf values")
         except Exception as error:  # a corrupt cache is rebuilt, never trusted
             logger.warning(f"Ignoring the unreadable embedding cache {tensor_path} ({error}); it will be rebuilt.")
             return {}

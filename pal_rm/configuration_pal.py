@@ -5,7 +5,7 @@ This file is copied next to the weights by `save_pretrained`, so it only uses re
 transformers API.
 """
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -212,6 +212,13 @@ class PalConfig(PretrainedConfig):
         if self.backbone_config is not None:
             return self.backbone_config
         return self
+
+
+# Loaded as a checkpoint's remote code (`trust_remote_code=True`, pal_rm not imported), make the model type known to
+# `AutoConfig`, so that a later `AutoTokenizer.from_pretrained(checkpoint)` (which reads config.json) does not stop at
+# an interactive trust-remote-code prompt. When pal_rm is installed, its own registration takes precedence.
+if PalConfig.model_type not in CONFIG_MAPPING:
+    AutoConfig.register(PalConfig.model_type, PalConfig)
 
 
 __all__ = ["PalConfig"]

@@ -524,6 +524,24 @@ class PalRewardModel(PalPreTrainedModel):
         """Mixture weights `(num_users, num_prototypes)` of every registered user."""
         return torch.softmax(self.user_weights.weight / self.config.mixture_temperature, dim=-1)
 
+    @torch.no_grad()
+    def truncate_users(self, num_users: int) -> None:
+        """
+        Unregisters every user after the first `num_users` (their rows and ids), undoing `add_users`: how a failed
+        `adapt_users` leaves no user behind. Like `add_users`, call it before an optimizer holds the user table.
+        """
+        if not 0 <= num_users <= self.num_users:
+            raise ValueError(f"`num_users` must be between 0 and {self.num_users}, got {num_users}.")
+        if num_users == self.num_users:
+            return
+        old = self.user_weights
+        table = nn.Embedding(num_users, self.config.num_prototypes)
+        table.to(device=old.weight.device, dtype=old.weight.dtype)
+        table.weight.copy_(old.weight[:num_users])
+        table.weight.requires_grad_(old.weight.requires_grad)
+        self.user_weights = table
+        self.config.user_ids = list(self.config.user_ids)[:num_users]
+
     # ------------------------------------------------------------------ forward
     def _check_features(self, features: torch.Tensor, name: str) -> torch.Tensor:
         if features.dim() != 2 or features.shape[-1] != self.config.hidden_size:

@@ -273,10 +273,16 @@ class PalRewardTrainer(RewardTrainer):
             )
         users = _column_list(dataset, column)
         for row, user in enumerate(users):
-            if not isinstance(user, str) or not user.strip():
+            if user is None or (isinstance(user, str) and not user.strip()):
                 raise ValueError(
                     f"Row {row} of the {name} dataset has a missing or empty user id ({user!r}) in column {column!r}. "
                     "Every comparison needs the (non-empty string) id of the user who made it."
+                )
+            if not isinstance(user, str):
+                raise ValueError(
+                    f"User ids must be strings: row {row} of the {name} dataset has {user!r} "
+                    f"({type(user).__name__}) in column {column!r}. Convert the column first, for example "
+                    f"`dataset.cast_column({column!r}, datasets.Value('string'))`."
                 )
         return list(dict.fromkeys(users))
 
@@ -296,17 +302,33 @@ class PalRewardTrainer(RewardTrainer):
         user_index = model.user_rows(_column_list(dataset, args.user_column), unknown_users="population").tolist()
         output = {"user_index": user_index}
         if "margin" in columns:
-            output["margin"] = [float(m) for m in _column_list(dataset, "margin")]
+            margin = _column_tensor(dataset, "margin", torch.float32)
+            _check_finite(margin, "margin", dataset_name)
+            output["margin"] = margin.tolist()
 
         if "chosen_features" in columns and "rejected_features" in columns:
             table = self._feature_table
-            chosen = _column_tensor(dataset, "chosen_features", torch.float32)
-            rejected = _column_tensor(dataset, "rejected_features", torch.float32)
+            chosen = _check_finite(
+                _column_tensor(dataset, "chosen_features", torch.float32), "chosen_features", dataset_name
+            )
+            rejected = _check_finite(
+                _column_tensor(dataset, "rejected_features", torch.float32), "rejected_features", dataset_name
+            )
             model._check_features(chosen, "chosen_features")
+            model._check_features(rejected, "rejected_features")
+            prompt = (
+                _check_finite(
+                    _column_tensor(dataset, "prompt_features", torch.float32), "prompt_features", dataset_name
+                )
+                if "prompt_features" in columns
+                else None
+            )
+            same = (chosen == rejected).all(-1)
+            _check_distinct(same, dataset_name, "identical `chosen_features` and `rejected_features`")
             output["chosen_index"] = table.add(chosen)
             output["rejected_index"] = table.add(rejected)
-            if "prompt_features" in columns:
-                output["prompt_index"] = table.add(_column_tensor(dataset, "prompt_features", torch.float32))
+            if prompt is not None:
+                output["prompt_index"] = table.add(prompt)
             elif model.config.variant == "b":
                 raise ValueError(f"The {dataset_name} dataset has no `prompt_features`, which PAL-B needs.")
             else:
@@ -318,29 +340,7 @@ class PalRewardTrainer(RewardTrainer):
                 f"The {dataset_name} dataset holds texts but this PAL model has no backbone; give it pooled features "
                 "(`chosen_features`, `rejected_features`, `prompt_features` columns) or use a model with a backbone."
             )
-        for column in ("chosen", "rejected"):
-            if column not in columns:
-                raise ValueError(
-                    f"The {dataset_name} dataset has no {column!r} column (columns: {columns}). PAL trains on TRL "
-                    "preference data: `prompt` (optional), `chosen`, `rejected` and a user column."
-                )
-        prompts, items_chosen, items_rejected = [], [], []
-        for row, example in enumerate(dataset):
-            if "prompt" not in example and model.config.variant == "b":
-                if not isinstance(example["chosen"], (str, list)) or not isinstance(example["rejected"], (str, list)):
-                    raise ValueError(f"Row {row} of the {dataset_name} dataset: `chosen`/`rejected` must be texts.")
-                example = {**example, **extract_prompt(example)}
-            prompt = example.get("prompt") or ""
-            if model.config.variant == "b" and not prompt:
-                raise ValueError(
-                    f"Row {row} of the {dataset_name} dataset has no prompt; PAL-B's ideal points depend on the "
-                    "prompt. Add a `prompt` column (or use PAL-A)."
-                )
-            prompt_text, chosen_text = format_preference_texts(processing_class, prompt, example["chosen"], row=row)
-            _, rejected_text = format_preference_texts(processing_class, prompt, example["rejected"], row=row)
-            prompts.append(prompt_text)
-            items_chosen.append(chosen_text)
-            items_rejected.append(rejected_text)
+        prompts, items_chosen, items_rejected = self._format_texts(dataset, processing_class, dataset_name)
         use_prompts = model.config.variant == "b"
 
         if not args.train_backbone:
@@ -374,6 +374,38 @@ class PalRewardTrainer(RewardTrainer):
             tokenize_texts(processing_class, prompts, framing, max_length) if use_prompts else [[] for _ in prompts]
         )
         return Dataset.from_dict(output)
+
+    def _format_texts(self, dataset, processing_class, dataset_name) -> tuple[list[str], list[str], list[str]]:
+        """`(prompts, chosen items, rejected items)` as the backbone reads them (`format_preference_texts`); raises on
+        missing columns, empty or ill-typed texts and rows whose two responses are the same, naming the rows."""
+        model = self._pal_model
+        columns = dataset.column_names
+        for column in ("chosen", "rejected"):
+            if column not in columns:
+                raise ValueError(
+                    f"The {dataset_name} dataset has no {column!r} column (columns: {columns}). PAL trains on TRL "
+                    "preference data: `prompt` (optional), `chosen`, `rejected` and a user column."
+                )
+        prompts, items_chosen, items_rejected = [], [], []
+        for row, example in enumerate(dataset):
+            if "prompt" not in example and model.config.variant == "b":
+                if not isinstance(example["chosen"], (str, list)) or not isinstance(example["rejected"], (str, list)):
+                    raise ValueError(f"Row {row} of the {dataset_name} dataset: `chosen`/`rejected` must be texts.")
+                example = {**example, **extract_prompt(example)}
+            prompt = example.get("prompt") or ""
+            if model.config.variant == "b" and not prompt:
+                raise ValueError(
+                    f"Row {row} of the {dataset_name} dataset has no prompt; PAL-B's ideal points depend on the "
+                    "prompt. Add a `prompt` column (or use PAL-A)."
+                )
+            prompt_text, chosen_text = format_preference_texts(processing_class, prompt, example["chosen"], row=row)
+            _, rejected_text = format_preference_texts(processing_class, prompt, example["rejected"], row=row)
+            prompts.append(prompt_text)
+            items_chosen.append(chosen_text)
+            items_rejected.append(rejected_text)
+        same = torch.tensor([c == r for c, r in zip(items_chosen, items_rejected)], dtype=torch.bool)
+        _check_distinct(same, dataset_name, "the same chosen and rejected response")
+        return prompts, items_chosen, items_rejected
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -534,6 +566,10 @@ class PalRewardTrainer(RewardTrainer):
         by full-batch Adam on the Bradley-Terry loss plus a Gaussian prior towards the population logits. Everything
         else (backbone, heads, prototypes, every known user) is frozen and left bit-identical.
 
+        The responses are encoded once: from the embedding cache with a frozen backbone, or with the current (trained)
+        backbone when `train_backbone=True`. The call is all-or-nothing: if it raises (bad rows, non-finite features
+        or loss), no user is left registered.
+
         Returns a dict with the new users, their rows and the final training loss and accuracy on `dataset`.
         """
         args = self.args
@@ -547,34 +583,76 @@ class PalRewardTrainer(RewardTrainer):
         if not new_users:
             logger.warning("`adapt_users`: every user of the dataset is already registered; nothing to fit.")
             return {"users": [], "rows": [], "loss": float("nan"), "accuracy": float("nan")}
-        rows = model.add_users(new_users)
-        processed = self._prepare_dataset(dataset, self.processing_class, args, "adaptation")
-        if "chosen_index" not in processed.column_names:
-            raise ValueError("`adapt_users` needs the frozen-backbone feature path (`train_backbone=False`).")
-
-        table = self._feature_table.table
-        device = model.item_head.layers[-1].weight.device
-        first_row = rows[0]
-        if len(new_users) < len(users):  # rows of already-known users are not fitted
-            processed = processed.filter(lambda row: row["user_index"] >= first_row)
-        user_rows = _column_tensor(processed, "user_index", torch.long).to(device)
-        local = user_rows - first_row
-        chosen_features = table[_column_tensor(processed, "chosen_index", torch.long)].to(device)
-        rejected_features = table[_column_tensor(processed, "rejected_index", torch.long)].to(device)
-        prompt_index = _column_tensor(processed, "prompt_index", torch.long)
-        prompt_features = table[prompt_index].to(device) if model.config.variant == "b" else None
-        margin = (
-            _column_tensor(processed, "margin", torch.float32).to(device)
-            if "margin" in processed.column_names
-            else None
-        )
-
+        num_users_before = model.num_users
         was_training = model.training
+        try:
+            rows = model.add_users(new_users)
+            result = self._fit_new_users(dataset, new_users, rows, steps, learning_rate, prior_strength)
+        except BaseException:
+            model.truncate_users(num_users_before)  # all-or-nothing: no half-fitted user stays registered
+            raise
+        finally:
+            model.train(was_training)
+        return result
+
+    def _adaptation_features(self, dataset: Dataset, first_row: int) -> dict[str, torch.Tensor]:
+        """Per-comparison features of the new users' rows of `dataset` (rows of known users are skipped)."""
+        model, args = self._pal_model, self.args
+        device = model.item_head.layers[-1].weight.device
+        if args.train_backbone:
+            # No feature cache with a trained backbone: encode each unique text once with the backbone as it is now.
+            user_index = model.user_rows(_column_list(dataset, args.user_column), unknown_users="population")
+            keep = (user_index >= first_row).nonzero().flatten().tolist()
+            dataset = dataset.select(keep)
+            prompts, chosen, rejected = self._format_texts(dataset, self.processing_class, "adaptation")
+            texts = list(dict.fromkeys(chosen + rejected + (prompts if model.config.variant == "b" else [])))
+            table = model.encode_texts(
+                self.processing_class,
+                texts,
+                batch_size=args.encode_batch_size,
+                max_length=args.max_length,
+                show_progress=not args.disable_tqdm,
+            )
+            index = {text: i for i, text in enumerate(texts)}
+            lookup = lambda values: table[torch.tensor([index[v] for v in values], dtype=torch.long)]  # noqa: E731
+            features = {"chosen": lookup(chosen), "rejected": lookup(rejected), "users": user_index[keep].cpu()}
+            features["prompt"] = lookup(prompts) if model.config.variant == "b" else None
+            processed = dataset
+        else:
+            processed = self._prepare_dataset(dataset, self.processing_class, args, "adaptation")
+            users = _column_tensor(processed, "user_index", torch.long)
+            keep = (users >= first_row).nonzero().flatten()
+            table = self._feature_table.table
+            features = {
+                "chosen": table[_column_tensor(processed, "chosen_index", torch.long)[keep]],
+                "rejected": table[_column_tensor(processed, "rejected_index", torch.long)[keep]],
+                "prompt": table[_column_tensor(processed, "prompt_index", torch.long)[keep]]
+                if model.config.variant == "b"
+                else None,
+                "users": users[keep],
+            }
+        margin = None
+        if "margin" in processed.column_names:
+            margin = _check_finite(_column_tensor(processed, "margin", torch.float32), "margin", "adaptation")
+            margin = margin if args.train_backbone else margin[keep]
+        features["margin"] = margin
+        for name in ("chosen", "rejected", "prompt"):
+            if features[name] is not None:
+                _check_finite(features[name], f"{name} features", "adaptation")
+        return {name: value.to(device) if value is not None else None for name, value in features.items()}
+
+    def _fit_new_users(self, dataset, new_users, rows, steps, learning_rate, prior_strength) -> dict[str, Any]:
+        model, args = self._pal_model, self.args
+        first_row = rows[0]
+        features = self._adaptation_features(dataset, first_row)
+        local = features["users"] - first_row
+        margin = features["margin"]
+        device = local.device
         model.eval()
         with torch.no_grad():
-            chosen_embeddings = model.item_head(chosen_features)
-            rejected_embeddings = model.item_head(rejected_features)
-            points = model.prototype_points(prompt_features, chosen_embeddings.shape[0])
+            chosen_embeddings = model.item_head(features["chosen"])
+            rejected_embeddings = model.item_head(features["rejected"])
+            points = model.prototype_points(features["prompt"], chosen_embeddings.shape[0])
             prior = model.population_logits().to(device)
             # With `neg_sq_l2` and `dot`, a pair's reward difference is linear in the mixture: the mixture-weighted
             # sum of its per-prototype differences (the ||ideal point||^2 terms cancel between chosen and rejected).
@@ -588,7 +666,9 @@ class PalRewardTrainer(RewardTrainer):
         counts = torch.bincount(local, minlength=len(new_users)).clamp(min=1).float()
         temperature = model.config.mixture_temperature
         progress = tqdm(range(steps), desc="Adapting new users", disable=args.disable_tqdm or steps == 0)
-        for _ in progress:
+        difference = torch.zeros(0, device=device)
+        per_user = torch.zeros(len(new_users), device=device)
+        for step in progress:
             optimizer.zero_grad()
             weights = torch.softmax(logits / temperature, dim=-1)[local]
             if linear:
@@ -601,18 +681,62 @@ class PalRewardTrainer(RewardTrainer):
             per_pair = -torch.nn.functional.logsigmoid(difference)
             per_user = torch.zeros(len(new_users), device=device).index_add(0, local, per_pair) / counts
             loss = per_user.sum() + prior_strength * (logits - prior).pow(2).sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"`adapt_users`: the loss became {loss.item()} at step {step}; no user was registered. Lower "
+                    "`adapt_learning_rate` or check the new users' comparisons."
+                )
             loss.backward()
             optimizer.step()
         with torch.no_grad():
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError(
+                    "`adapt_users`: the fitted mixture logits are not finite; no user was registered."
+                )
             model.user_weights.weight[first_row : first_row + len(new_users)] = logits.detach().to(
                 model.user_weights.weight.dtype
             )
-            accuracy = (difference > 0).float().mean().item()
-        model.train(was_training)
+            accuracy = (difference > 0).float().mean().item() if difference.numel() else float("nan")
         logger.info(
-            f"Adapted {len(new_users)} new users on {len(processed)} comparisons (train accuracy {accuracy:.3f})."
+            f"Adapted {len(new_users)} new users on {local.numel()} comparisons (train accuracy {accuracy:.3f})."
         )
         return {"users": new_users, "rows": rows, "loss": per_user.mean().item(), "accuracy": accuracy}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """`Trainer.training_step`, refusing a non-finite loss (NaN or inf) instead of training on it."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(
+                f"The training loss is {loss.item()} at step {self.state.global_step}: the rewards are no longer "
+                "finite. Lower the learning rates, check the data for extreme values, or turn off mixed precision."
+            )
+        return loss
+
+
+def _check_finite(values: torch.Tensor, column: str, dataset_name: str) -> torch.Tensor:
+    """Raises when `values` (one row per comparison) holds NaN or inf, naming the rows."""
+    finite = torch.isfinite(values)
+    if finite.dim() > 1:
+        finite = finite.flatten(1).all(-1)
+    if not bool(finite.all()):
+        rows = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"Column {column!r} of the {dataset_name} dataset holds NaN or inf in {len(rows)} rows (rows "
+            f"{rows[:10]}{', ...' if len(rows) > 10 else ''}). Fix or drop those rows; training on them would make every "
+            "reward NaN."
+        )
+    return values
+
+
+def _check_distinct(same: torch.Tensor, dataset_name: str, what: str) -> None:
+    """Raises when a comparison pits a response against itself (it carries no preference), naming the rows."""
+    if bool(same.any()):
+        rows = same.nonzero().flatten().tolist()
+        raise ValueError(
+            f"{len(rows)} rows of the {dataset_name} dataset have {what} (rows {rows[:10]}"
+            f"{', ...' if len(rows) > 10 else ''}): such a comparison states no preference. Drop them first, for "
+            "example `dataset.filter(lambda row: row['chosen'] != row['rejected'])`."
+        )
 
 
 def _column_tensor(dataset: Dataset, column: str, dtype: torch.dtype) -> torch.Tensor:

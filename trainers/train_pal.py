@@ -52,6 +52,9 @@ class PalScriptArguments:
         default=True, metadata={"help": "Also train the one-reward-for-everyone Bradley-Terry baseline."}
     )
     adapt_unseen_users: bool = field(default=True, metadata={"help": "Fit and evaluate the unseen users."})
+    sanity_checks: bool = field(
+        default=True, metadata={"help": "Run `pal_rm.sanity`'s user-swap and label-flip checks on the trained model."}
+    )
 
 
 @dataclass
@@ -112,6 +115,34 @@ def run_experiment(trainer: PalRewardTrainer, dataset, script_args) -> dict[str,
     return results
 
 
+def run_sanity_checks(trainer: PalRewardTrainer, tokenizer, dataset) -> dict[str, dict]:
+    """`pal_rm.sanity`'s two checks: seen users swapped on the test split, label flips on the unseen users' shots."""
+    from pal_rm.sanity import label_flip_check, user_swap_check
+
+    checks = {"user_swap": user_swap_check(trainer.model, tokenizer, dataset["test"], trainer.args.user_column)}
+    if "unseen_train" in dataset and trainer.model.config.num_prototypes > 1:
+        checks["label_flip"] = label_flip_check(trainer, dataset["unseen_train"])
+    return checks
+
+
+def print_sanity_checks(checks: dict[str, dict]) -> None:
+    if "user_swap" in checks:
+        swap = checks["user_swap"]
+        verdict = "FLAGGED: users look interchangeable" if swap["interchangeable"] else "ok"
+        print(
+            f"\nSanity check (user swap): giving each seen user another user's mixture moves test accuracy "
+            f"{swap['accuracy']:.3f} -> {swap['swapped_accuracy']:.3f} ({verdict})."
+        )
+    if "label_flip" in checks:
+        flip = checks["label_flip"]
+        verdict = "FLAGGED: comparisons barely move a user" if flip["insensitive"] else "ok"
+        print(
+            f"Sanity check (label flip): fitting the unseen users on flipped labels flips "
+            f"{flip['flipped_predictions']:.0%} of their predictions, mixture shift {flip['mixture_shift']:.2f} "
+            f"({verdict})."
+        )
+
+
 def _mean(values: dict) -> float:
     return sum(values.values()) / max(len(values), 1)
 
@@ -151,6 +182,7 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
     name = f"PAL-{model_args.variant.upper()} (K={model_args.num_prototypes})"
     table = {name: run_experiment(trainer, dataset, script_args)}
     trainer.save_model(training_args.output_dir)
+    sanity = run_sanity_checks(trainer, tokenizer, dataset) if script_args.sanity_checks else {}
 
     if script_args.compare_baseline:
         # One reward for everyone: a single prototype, so every user (seen or not) gets the same reward.
@@ -167,8 +199,11 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(dataset_name=script_args.dataset_name, eval_results=next(iter(table.values())))
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as file:
-            json.dump({"results": table, "wall_time_seconds": time.time() - start}, file, indent=2)
+            json.dump(
+                {"results": table, "sanity_checks": sanity, "wall_time_seconds": time.time() - start}, file, indent=2
+            )
         print_table(table, dataset)
+        print_sanity_checks(sanity)
         output_dir = os.path.abspath(training_args.output_dir)
         print(f"\nSaved to {output_dir} in {time.time() - start:.0f} s. Load it back with:\n")
         print("    import pal_rm; from transformers import AutoModel, AutoTokenizer")
