@@ -270,6 +270,16 @@ class PalPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # PAL's own parts are small and numerically delicate (mixture logits, squared distances): they stay float32
+    # whatever dtype the backbone is loaded in.
+    _keep_in_fp32_modules_strict = [
+        "item_head",
+        "prototypes",
+        "prototype_maps",
+        "user_weights",
+        "logit_scale",
+        "population_mixture",
+    ]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -298,9 +308,17 @@ class PalRewardModel(PalPreTrainedModel):
     of the seen users, refreshed by the trainer) or for the `mixture_weights` the caller passes.
     """
 
-    def __init__(self, config: PalConfig):
+    def __init__(self, config: PalConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
-        self.backbone = AutoModel.from_config(config.backbone_config) if config.backbone_config is not None else None
+        if backbone is not None:
+            # A pretrained backbone (see `from_backbone`): keep its weights, never build or initialise another one.
+            for module in backbone.modules():
+                module._is_hf_initialized = True
+            self.backbone = backbone
+        elif config.backbone_config is not None:
+            self.backbone = AutoModel.from_config(config.backbone_config)
+        else:
+            self.backbone = None
         self.item_head = PalMLP(
             config.hidden_size,
             config.head_hidden_dims,
@@ -326,22 +344,56 @@ class PalRewardModel(PalPreTrainedModel):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_backbone(cls, backbone_name_or_path: str, backbone_kwargs: dict | None = None, **config_kwargs):
+    def from_backbone(
+        cls,
+        backbone_name_or_path: str,
+        backbone_kwargs: dict | None = None,
+        dtype=None,
+        attn_implementation: str | None = None,
+        device_map=None,
+        quantization_config=None,
+        **config_kwargs,
+    ):
         """
         Builds a PAL model around pretrained backbone weights (a Hub id or a local folder loaded with
         `AutoModel.from_pretrained`); `config_kwargs` are [`PalConfig`] fields (`variant`, `num_prototypes`, ...).
+        `dtype`, `attn_implementation`, `device_map` and `quantization_config` (and anything in `backbone_kwargs`) go
+        to the backbone's `from_pretrained`. The backbone is loaded once and never rebuilt or re-initialised; PAL's own
+        parts (heads, prototypes, user table, logit scale) are float32 whatever the backbone's dtype, on the device of
+        the backbone's input embeddings.
 
         Example:
 
         ```python
         >>> model = PalRewardModel.from_backbone("sentence-transformers/all-MiniLM-L6-v2", variant="b", num_prototypes=4)
+        >>> model = PalRewardModel.from_backbone("Qwen/Qwen2.5-1.5B", dtype=torch.bfloat16, variant="b")
         ```
         """
-        backbone = AutoModel.from_pretrained(backbone_name_or_path, **(backbone_kwargs or {}))
+        backbone_kwargs = dict(backbone_kwargs or {})
+        for name, value in (
+            ("dtype", dtype),
+            ("attn_implementation", attn_implementation),
+            ("device_map", device_map),
+            ("quantization_config", quantization_config),
+        ):
+            if value is not None:
+                if name in backbone_kwargs:
+                    raise ValueError(f"`{name}` is given twice: as an argument and in `backbone_kwargs`.")
+                backbone_kwargs[name] = value
+        backbone = AutoModel.from_pretrained(backbone_name_or_path, **backbone_kwargs)
+        # The nested config keeps the backbone's attention implementation and dtype (saved, and used on reload).
+        config_kwargs.setdefault("attn_implementation", backbone.config._attn_implementation)
         config = PalConfig(backbone_config=backbone.config, **config_kwargs)
-        model = cls(config)
-        model.backbone = backbone
-        model.config.backbone_config = backbone.config
+        config.dtype = backbone.dtype
+        model = cls(config, backbone=backbone)
+        device = backbone.get_input_embeddings().weight.device
+        if device.type != "meta":
+            for name, module in model.named_children():
+                if name != "backbone":
+                    module.to(device=device, dtype=torch.float32)
+            for name, parameter in model.named_parameters(recurse=False):
+                parameter.data = parameter.data.to(device=device, dtype=torch.float32)
+            model.population_mixture.data = model.population_mixture.data.to(device=device, dtype=torch.float32)
         if model.config.sequence_framing is None:
             try:
                 from transformers import AutoTokenizer
@@ -352,6 +404,13 @@ class PalRewardModel(PalPreTrainedModel):
             else:
                 model.register_tokenizer(tokenizer)
         return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The backbone's dtype (what `save_pretrained` records and `dtype="auto"` reloads); PAL's parts are float32."""
+        if self.backbone is not None:
+            return self.backbone.dtype
+        return torch.float32
 
     # ------------------------------------------------------------------ saving and loading
     AUTO_MAP = {
