@@ -174,7 +174,7 @@ def test_adapt_users_after_training_the_backbone(tmp_path):
     new = Dataset.from_dict(
         {
             "user_id": ["carol", "dave", "carol", "dave"],
-            "prompt": ["hello world"] * 4,
+            "prompt": ["hello world "] * 4,
             "chosen": ["yes", "no", "yes", "no"],
             "rejected": ["no", "yes", "no", "yes"],
         }
