@@ -68,7 +68,10 @@ class PalConfig(PretrainedConfig):
             The user registry: row `i` of the user table belongs to `user_ids[i]`. Grow it with
             [`PalRewardModel.add_users`].
         hashed_user_ids (`bool`, *optional*, defaults to `False`):
-            Whether `user_ids` holds salted hashes of the user ids (see `pal_rm.hub.push_to_hub(hash_user_ids=True)`).
+            Whether `user_ids` holds salted hashes of the user ids (see [`PalRewardModel.hash_user_ids`]).
+        user_id_salt_check (`str`, *optional*):
+            A one-way check value of the salt of a hashed registry, so that a wrong salt is detected. The salt itself
+            is never stored.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the user logits.
 
@@ -104,6 +107,7 @@ class PalConfig(PretrainedConfig):
         feature_dim=None,
         user_ids=None,
         hashed_user_ids: bool = False,
+        user_id_salt_check: str | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -176,6 +180,7 @@ class PalConfig(PretrainedConfig):
         self.feature_dim = feature_dim
         self.user_ids = user_ids
         self.hashed_user_ids = bool(hashed_user_ids)
+        self.user_id_salt_check = user_id_salt_check
         self.initializer_range = initializer_range
 
         kwargs["num_labels"] = 1
