@@ -49,7 +49,7 @@ def fix_user_mixtures(model: PalRewardModel, user_ids: Sequence[str], weights, f
         )
     if (weights < 0).any() or not torch.allclose(weights.sum(-1), torch.ones(len(user_ids)), atol=1e-4):
         raise ValueError("Every row of `weights` must be on the simplex (non-negative, summing to 1).")
-    model.add_users([user for user in user_ids if user not in set(model.config.user_ids)])
+    model.add_users(list(user_ids))  # known users keep their rows
     rows = model.user_rows(list(user_ids))
     logits = torch.log(weights.clamp(min=floor)) * model.config.mixture_temperature
     with torch.no_grad():

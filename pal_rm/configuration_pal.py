@@ -68,12 +68,15 @@ class PalConfig(PretrainedConfig):
             The user registry: row `i` of the user table belongs to `user_ids[i]`. Grow it with
             [`PalRewardModel.add_users`].
         hashed_user_ids (`bool`, *optional*, defaults to `False`):
-            Whether `user_ids` holds salted hashes of the user ids (see `pal_rm.hub.push_to_hub(hash_user_ids=True)`).
+            Whether `user_ids` holds salted hashes of the user ids (see [`PalRewardModel.hash_user_ids`]).
         sequence_framing (`dict`, *optional*):
             The tokenizer this model reads texts with, recorded by [`PalRewardModel.register_tokenizer`]: the special
             tokens it puts around a text (`prefix_ids`, `suffix_ids`), the EOS token appended to responses
             (`eos_token_id`), its size and a fingerprint of its vocabulary. Token ids from any entry point are brought
             to this canonical form, and another tokenizer is refused. `None` until a tokenizer is first used.
+        user_id_salt_check (`str`, *optional*):
+            A one-way check value of the salt of a hashed registry, so that a wrong salt is detected. The salt itself
+            is never stored.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the user logits.
 
@@ -110,6 +113,7 @@ class PalConfig(PretrainedConfig):
         user_ids=None,
         hashed_user_ids: bool = False,
         sequence_framing: dict | None = None,
+        user_id_salt_check: str | None = None,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -188,6 +192,7 @@ class PalConfig(PretrainedConfig):
                 raise ValueError(f"`sequence_framing` lacks {sorted(missing)}; set it with `register_tokenizer`.")
             sequence_framing = dict(sequence_framing)
         self.sequence_framing = sequence_framing
+        self.user_id_salt_check = user_id_salt_check
         self.initializer_range = initializer_range
 
         kwargs["num_labels"] = 1

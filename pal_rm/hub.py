@@ -8,6 +8,12 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+USER_ID_SALT_ENV = "PAL_USER_ID_SALT"
+"""The environment variable read for the user id salt when none is passed (`pal_rm.hub`, `PalRewardTrainer`)."""
+
+USER_ID_PLACEHOLDER = "<user id>"
+"""What the model card's usage snippet shows for a user id: never one of the registered ids."""
+
 CITATION = """@inproceedings{chen2025pal,
   title     = {{PAL}: Sample-Efficient Personalized Reward Modeling for Pluralistic Alignment},
   author    = {Chen, Daiwei and Chen, Yi and Rege, Aniket and Wang, Zhi and Vinayak, Ramya Korlakai},
@@ -21,6 +27,22 @@ _SIMILARITY_TEXT = {
     "cosine": "a scaled cosine similarity with the user's ideal point",
     "dot": "the inner product with the user's ideal point",
 }
+
+
+def resolve_user_id_salt(salt: str | None = None) -> str | None:
+    """The user id salt: `salt` when given, else the `PAL_USER_ID_SALT` environment variable, else `None`."""
+    return salt or os.environ.get(USER_ID_SALT_ENV) or None
+
+
+def missing_salt_message(what: str) -> str:
+    """The error raised when user ids must be hashed and no salt was given (`what` names the upload)."""
+    return (
+        f"{what} hashes the user ids by default and needs a salt: pass `salt=...` (`user_id_salt=...` for "
+        f"`PalRewardTrainer`) or set the `{USER_ID_SALT_ENV}` environment variable to a secret string (for example "
+        "`python -c 'import secrets; print(secrets.token_hex(32))'`). Keep the salt apart from the checkpoint: it is "
+        "never uploaded, and it is what lets you look users up by their raw ids later (`model.set_user_id_salt`). To "
+        "upload the raw user ids instead, pass `hash_user_ids=False` explicitly."
+    )
 
 
 def _format_results(eval_results: dict | None) -> str:
@@ -42,7 +64,8 @@ def create_model_card(
 ) -> str:
     """
     A model card (README.md with YAML metadata) generated from a [`PalRewardModel`]: what PAL is, the backbone, K, the
-    variant, the number of users, evaluation results, a usage snippet, the license and the citation.
+    variant, the number of users, evaluation results, a usage snippet, the license and the citation. The card names no
+    registered user: its usage snippet shows the placeholder `"<user id>"`.
     """
     config = model.config
     backbone = config.backbone_config
@@ -55,7 +78,11 @@ def create_model_card(
         else f"none: the model scores pooled features of width {config.hidden_size}"
     )
     load_path = repo_id or "path/to/this/checkpoint"
-    example_user = config.user_ids[0] if config.user_ids and not config.hashed_user_ids else "alice"
+    salt_line = (
+        "model.set_user_id_salt(salt)  # the registry holds salted hashes: the uploader's salt maps raw ids to them\n"
+        if config.hashed_user_ids
+        else ""
+    )
     variant_text = (
         "PAL-A: the K prototypes are points of the preference space; the reward depends on the response."
         if config.variant == "a"
@@ -103,7 +130,7 @@ tokenizer = AutoTokenizer.from_pretrained("{load_path}")
 
 prompts = ["Write a note to the team about the offsite."] * 2
 responses = ["Dear team, the offsite is on Friday.", "hey all! offsite friday, woohoo!"]
-model.score_texts(tokenizer, prompts, responses, users="{example_user}")   # for one registered user
+{salt_line}model.score_texts(tokenizer, prompts, responses, users="{USER_ID_PLACEHOLDER}")   # for one registered user
 model.score_texts(tokenizer, prompts, responses)                            # population reward (no user)
 model.score_texts(tokenizer, prompts, responses, mixture_weights=[1.0] + [0.0] * {config.num_prototypes - 1})  # prototype 0
 ```
@@ -147,27 +174,34 @@ def save_upload_folder(
     eval_results: dict | None = None,
     dataset_name: str | None = None,
     repo_id: str | None = None,
-    hash_user_ids: bool = False,
+    hash_user_ids: bool = True,
     salt: str | None = None,
     license: str = "apache-2.0",
 ) -> str:
     """
     Writes everything [`push_to_hub`] sends to `folder`: the weights (safetensors), the config with its `auto_map`, the
-    two code files, the tokenizer and the model card. With `hash_user_ids=True`, the registry is written as salted
-    hashes of the ids (`salt` required): the raw ids appear in no file; score by raw id after
-    `model.set_user_id_salt(salt)`. The model passed in is left unchanged.
-    """
-    from .modeling_pal import hash_user_id
+    two code files, the tokenizer and the model card.
 
+    By default (`hash_user_ids=True`) the registry is written as salted hashes of the ids, with the salt from `salt`,
+    the one set on the model ([`PalRewardModel.set_user_id_salt`]) or the `PAL_USER_ID_SALT` environment variable (a
+    `ValueError` without any, unless the registry is already hashed): no file holds a raw id or the salt; score by raw
+    id after `model.set_user_id_salt(salt)`. `hash_user_ids=False` writes the raw ids, with a warning. The model passed
+    in is left unchanged.
+    """
     config = model.config
-    raw_ids, raw_flag = list(config.user_ids), config.hashed_user_ids
+    saved = (config.user_ids, config.hashed_user_ids, config.user_id_salt_check, getattr(model, "user_id_salt", None))
     if hash_user_ids:
-        if not salt:
-            raise ValueError("`hash_user_ids=True` needs a `salt` (a secret string kept apart from the checkpoint).")
-        if not raw_flag:
-            config.user_ids = [hash_user_id(user, salt) for user in raw_ids]
-            config.hashed_user_ids = True
+        salt = resolve_user_id_salt(salt or getattr(model, "user_id_salt", None))
+        if salt is None and not config.hashed_user_ids:
+            raise ValueError(missing_salt_message("Saving a PAL model for the Hub"))
+    elif config.num_users and not config.hashed_user_ids:
+        logger.warning(
+            f"`hash_user_ids=False`: the {config.num_users} raw user ids of the registry are saved in `config.json` as "
+            "they are, and are readable by anyone who can read the repository they are uploaded to."
+        )
     try:
+        if hash_user_ids and salt is not None:
+            model.hash_user_ids(salt)
         model.save_pretrained(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -175,7 +209,8 @@ def save_upload_folder(
             model, folder, eval_results=eval_results, dataset_name=dataset_name, repo_id=repo_id, license=license
         )
     finally:
-        config.user_ids, config.hashed_user_ids = raw_ids, raw_flag
+        config.user_ids, config.hashed_user_ids, config.user_id_salt_check = saved[:3]
+        model.user_id_salt = saved[3]
     return folder
 
 
@@ -185,7 +220,7 @@ def push_to_hub(
     repo_id: str,
     eval_results: dict | None = None,
     dataset_name: str | None = None,
-    hash_user_ids: bool = False,
+    hash_user_ids: bool = True,
     salt: str | None = None,
     private: bool | None = None,
     token: str | None = None,
@@ -196,12 +231,15 @@ def push_to_hub(
     Uploads a PAL model to the Hub as one commit: weights, config with `auto_map`, the two code files, the tokenizer
     and a model card generated from the model (see [`save_upload_folder`]). Returns the commit info.
 
+    User ids are uploaded as salted hashes unless `hash_user_ids=False` is passed explicitly: the salt comes from `salt`,
+    the model ([`PalRewardModel.set_user_id_salt`]) or the `PAL_USER_ID_SALT` environment variable and is never
+    uploaded. Nothing is created on the Hub when the salt is missing. The model passed in is left unchanged.
+
     Example:
 
     ```python
     >>> from pal_rm.hub import push_to_hub
-    >>> push_to_hub(model, tokenizer, "my-org/pal-summary", eval_results={"seen_accuracy": 0.9}, hash_user_ids=True,
-    ...             salt=os.environ["PAL_USER_SALT"])
+    >>> push_to_hub(model, tokenizer, "my-org/pal-summary", eval_results={"seen_accuracy": 0.9})  # salt: $PAL_USER_ID_SALT
     ```
     """
     from huggingface_hub import HfApi
@@ -223,4 +261,14 @@ def push_to_hub(
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
 
 
-__all__ = ["CITATION", "create_model_card", "push_to_hub", "save_model_card", "save_upload_folder"]
+__all__ = [
+    "CITATION",
+    "USER_ID_PLACEHOLDER",
+    "USER_ID_SALT_ENV",
+    "create_model_card",
+    "missing_salt_message",
+    "push_to_hub",
+    "resolve_user_id_salt",
+    "save_model_card",
+    "save_upload_folder",
+]

@@ -496,17 +496,19 @@ class PalRewardModel(PalPreTrainedModel):
         Registers new users and returns their rows. Each new user starts at the population mixture. Users already
         registered keep their row and weights (their ids may be repeated in `user_ids`). Register users before an
         optimizer is built over the model's parameters: the user table is replaced by a larger one.
+
+        On a registry of salted hashes (`config.hashed_user_ids`), raw ids are hashed with the salt set by
+        [`set_user_id_salt`] (or [`hash_user_ids`]) before they are looked up or stored, so a known user keeps its row
+        and only the hash of a new user is registered.
         """
         if isinstance(user_ids, str):
             user_ids = [user_ids]
-        registry = self._user_registry()
-        new_users = {}
         for user in user_ids:
             if not isinstance(user, str) or not user:
                 raise ValueError(f"User ids must be non-empty strings, got {user!r}.")
-            if user not in registry:
-                new_users[user] = None
-        new_users = list(new_users)
+        keys = self._registry_keys(user_ids, for_registration=True)
+        registry = self._user_registry()
+        new_users = list(dict.fromkeys(key for key in keys if key not in registry))
         if new_users:
             old = self.user_weights
             table = nn.Embedding(old.num_embeddings + len(new_users), self.config.num_prototypes)
@@ -518,7 +520,7 @@ class PalRewardModel(PalPreTrainedModel):
             self.user_weights = table
             self.config.user_ids = list(self.config.user_ids) + new_users
         registry = self._user_registry()
-        return [registry[user] for user in user_ids]
+        return [registry[key] for key in keys]
 
     def _user_registry(self) -> dict[str, int]:
         """`{user id: row}`, rebuilt only when `config.user_ids` changes (lookups stay O(1) with millions of users)."""
@@ -529,29 +531,59 @@ class PalRewardModel(PalPreTrainedModel):
             self.__dict__["_registry_cache"] = cached
         return cached[2]
 
+    def _registry_keys(self, user_ids: Sequence[str | None], for_registration: bool = False) -> list[str | None]:
+        """
+        The registry key of each user id: the id itself on a registry of raw ids; on a registry of salted hashes, the
+        id itself when it is already a registered hash, else its salted hash (which needs the salt). `None` (the
+        population) stays `None`. O(1) per id.
+        """
+        if not getattr(self.config, "hashed_user_ids", False):
+            return list(user_ids)
+        registry = self._user_registry()
+        salt = getattr(self, "user_id_salt", None)
+        keys = []
+        for user in user_ids:
+            if user is None or user in registry:
+                keys.append(user)
+            elif salt is None:
+                action = "register new users" if for_registration else "look users up"
+                raise KeyError(
+                    f"This model's user registry holds salted hashes of the user ids, not the ids, so it cannot "
+                    f"{action} by raw id (got {user!r}). Call `model.set_user_id_salt(salt)` with the salt used when "
+                    "the registry was hashed (`PalRewardTrainer(..., user_id_salt=...)` or the `PAL_USER_ID_SALT` "
+                    "environment variable do this for a trainer); the salt is never stored with the model."
+                )
+            else:
+                keys.append(hash_user_id(user, salt))
+        return keys
+
+    def is_registered(self, user_ids: Sequence[str]) -> list[bool]:
+        """
+        Whether each user id is registered. Use this rather than reading `config.user_ids`: on a registry of salted
+        hashes, raw ids are hashed with the salt set by [`set_user_id_salt`] (without a salt, a raw id raises a
+        `KeyError` that says how to set it). O(1) per id.
+        """
+        if isinstance(user_ids, str):
+            user_ids = [user_ids]
+        registry = self._user_registry()
+        return [key is not None and key in registry for key in self._registry_keys(user_ids)]
+
     def user_rows(self, user_ids: Sequence[str | None], unknown_users: str = "error") -> torch.LongTensor:
         """
         Maps string user ids to rows of the user table. `None` means the population (row `-1`). An id that is not
-        registered raises, unless `unknown_users="population"`, which scores it for the population mixture.
+        registered raises, unless `unknown_users="population"`, which scores it for the population mixture. On a
+        registry of salted hashes, raw ids are hashed with the salt set by [`set_user_id_salt`].
         """
         if unknown_users not in ("error", "population"):
             raise ValueError(f"`unknown_users` must be 'error' or 'population', got {unknown_users!r}.")
         registry = self._user_registry()
-        salt = getattr(self, "user_id_salt", None)
-        hashed = getattr(self.config, "hashed_user_ids", False)
-        if hashed and salt is None and any(user is not None and user not in registry for user in user_ids):
-            raise KeyError(
-                "This model's user registry holds salted hashes of the user ids, not the ids. Call "
-                "`model.set_user_id_salt(salt)` with the salt used when it was saved to score users by their raw ids."
-            )
-        if hashed and salt is not None:
-            user_ids = [user if user is None or user in registry else hash_user_id(user, salt) for user in user_ids]
+        keys = self._registry_keys(user_ids)
         rows = []
-        for index, user in enumerate(user_ids):
-            if user is None:
+        for index, (user, key) in enumerate(zip(user_ids, keys)):
+            if key is None:
                 rows.append(-1)
-            elif user in registry:
-                rows.append(registry[user])
+            elif key in registry:
+                rows.append(registry[key])
             elif unknown_users == "population":
                 rows.append(-1)
             else:
@@ -565,7 +597,51 @@ class PalRewardModel(PalPreTrainedModel):
         return torch.tensor(rows, dtype=torch.long, device=self.user_weights.weight.device)
 
     def set_user_id_salt(self, salt: str | None) -> None:
-        """Lets a model whose registry holds salted hashes (`config.hashed_user_ids`) be scored by raw user ids."""
+        """
+        Sets the salt of a registry of salted hashes (`config.hashed_user_ids`), so that users can be scored,
+        registered and checked by their raw ids. The salt is kept in memory only, never saved. A registry hashed by
+        [`hash_user_ids`] records a one-way check value of its salt, and a different salt raises a `ValueError`.
+        `None` forgets the salt.
+        """
+        if salt is not None:
+            if not isinstance(salt, str) or not salt:
+                raise ValueError(f"The user id salt must be a non-empty string, got {type(salt).__name__}.")
+            check = getattr(self.config, "user_id_salt_check", None)
+            if getattr(self.config, "hashed_user_ids", False) and check is not None and check != salt_check(salt):
+                raise ValueError(
+                    "This salt is not the one the model's user registry was hashed with: raw user ids would not "
+                    "match their hashes and known users would be registered again. Use the original salt."
+                )
+        self.user_id_salt = salt
+
+    def hash_user_ids(self, salt: str) -> None:
+        """
+        Replaces the user registry in place by salted hashes of the ids (`hash_user_id`), records a one-way check value
+        of the salt in the config (`user_id_salt_check`) and sets the salt on the model ([`set_user_id_salt`]), so
+        raw ids keep working for scoring, [`add_users`] and [`is_registered`] while no saved file holds them. Rows and
+        weights do not move. Idempotent on a registry already hashed with this salt; a different salt raises a
+        `ValueError`.
+
+        Example:
+
+        ```python
+        >>> model.add_users(["alice", "bob"])
+        >>> model.hash_user_ids(os.environ["PAL_USER_ID_SALT"])
+        >>> model.config.user_ids[0].startswith("sha256:"), model.user_rows(["alice"]).tolist()
+        (True, [0])
+        ```
+        """
+        if not isinstance(salt, str) or not salt:
+            raise ValueError(
+                f"`hash_user_ids` needs a salt: a non-empty secret string kept apart from the model, got {salt!r}."
+            )
+        config = self.config
+        if config.hashed_user_ids:  # already hashed: only check the salt (a registry without a check value cannot)
+            self.set_user_id_salt(salt)
+            return
+        config.user_ids = [hash_user_id(user, salt) for user in config.user_ids]
+        config.hashed_user_ids = True
+        config.user_id_salt_check = salt_check(salt)
         self.user_id_salt = salt
 
     @torch.no_grad()
@@ -1008,6 +1084,17 @@ def hash_user_id(user_id: str, salt: str) -> str:
     import hashlib
 
     return "sha256:" + hashlib.sha256(f"{salt}\x00{user_id}".encode()).hexdigest()[:32]
+
+
+def salt_check(salt: str) -> str:
+    """
+    A one-way check value of a user id salt (PBKDF2-SHA256, 100,000 iterations), stored in the config of a hashed
+    registry so that a wrong salt is detected; the salt itself is never stored.
+    """
+    import hashlib
+
+    digest = hashlib.pbkdf2_hmac("sha256", salt.encode(), b"pal-rm user id salt check", 100_000)
+    return "pbkdf2-sha256:" + digest.hex()[:32]
 
 
 def default_max_length(tokenizer, config) -> int:

@@ -57,10 +57,11 @@ def test_model_card_describes_the_model(model_and_tokenizer):
         "adapt_users",
         "apache-2.0",
         "@inproceedings{chen2025pal",
-        f'users="{RAW_IDS[0]}"',
+        'users="<user id>"',
         "score_texts(tokenizer, prompts, responses)",
     ):
         assert text in card, text
+    assert not any(raw in card for raw in RAW_IDS)  # the usage snippet names no registered user
 
 
 def test_push_uploads_a_loadable_folder_with_hashed_ids(model_and_tokenizer, monkeypatch, tmp_path):
@@ -101,14 +102,15 @@ def test_push_uploads_a_loadable_folder_with_hashed_ids(model_and_tokenizer, mon
     for user in RAW_IDS:
         expected = model.score_texts(tokenizer, prompts, responses, users=user)
         assert torch.allclose(loaded.score_texts(tokenizer, prompts, responses, users=user), expected, atol=1e-6)
-    with pytest.raises(ValueError, match="needs a `salt`"):
+    monkeypatch.delenv("PAL_USER_ID_SALT", raising=False)
+    with pytest.raises(ValueError, match="needs a salt.*PAL_USER_ID_SALT.*hash_user_ids=False"):
         save_upload_folder(model, tokenizer, str(tmp_path / "x"), hash_user_ids=True)
 
 
 def test_upload_folder_loads_with_remote_code_without_pal_rm(model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     folder = tmp_path / "upload"
-    save_upload_folder(model, tokenizer, str(folder), eval_results={"seen_accuracy": 0.9})
+    save_upload_folder(model, tokenizer, str(folder), eval_results={"seen_accuracy": 0.9}, salt="s3cret")
     encoded = tokenizer(["hello world the fox", "hello a lazy dog"], padding=True, return_tensors="pt")
     prompts = tokenizer(["hello world", "hello"], padding=True, return_tensors="pt")
     inputs = {

@@ -35,6 +35,11 @@ class PalRewardConfig(RewardConfig):
         adapt_steps, adapt_learning_rate, adapt_prior_strength:
             Defaults of [`PalRewardTrainer.adapt_users`]: full-batch Adam steps, learning rate, and the strength of the
             Gaussian prior that keeps a new user's logits near the population mixture.
+        hash_user_ids (`bool`, *optional*, defaults to `True`):
+            When the trainer uploads to the Hub (`push_to_hub=True`, or `trainer.push_to_hub()`), replace the user ids
+            of the model's registry by salted hashes first, so that no uploaded file holds a raw id. The salt is the
+            `user_id_salt` argument of [`PalRewardTrainer`] or the `PAL_USER_ID_SALT` environment variable, never a
+            field here (these arguments are uploaded as `training_args.bin`). `False` uploads the raw ids.
 
     > [!NOTE]
     > Defaults that differ from [`~trl.RewardConfig`]: `gradient_checkpointing=False` and `bf16=False` (the default
@@ -76,6 +81,13 @@ class PalRewardConfig(RewardConfig):
     adapt_learning_rate: float = field(default=0.1, metadata={"help": "Learning rate of `adapt_users`."})
     adapt_prior_strength: float = field(
         default=0.01, metadata={"help": "Gaussian prior pulling new users' logits to the population mixture."}
+    )
+    hash_user_ids: bool = field(
+        default=True,
+        metadata={
+            "help": "Upload salted hashes of the user ids, never the raw ids (salt: the trainer's `user_id_salt` or "
+            "the PAL_USER_ID_SALT environment variable). False uploads the raw ids."
+        },
     )
 
     # Defaults that differ from RewardConfig

@@ -18,7 +18,7 @@ from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
 
 from pal_rm.cache import EmbeddingCache
-from pal_rm.hub import save_model_card
+from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
 
@@ -153,6 +153,16 @@ class PalRewardTrainer(RewardTrainer):
     TRL's plus per-user accuracy (`trainer.per_user_accuracy`) and `mixture_entropy`, and [`adapt_users`] fits new users
     from a few comparisons each.
 
+    User ids never reach the Hub in the clear unless asked for: a trainer that uploads (`args.push_to_hub=True`, or
+    [`push_to_hub`] called) first replaces the model's registry, in place, by salted hashes of the ids
+    ([`pal_rm.PalRewardModel.hash_user_ids`]), so the checkpoints, the saved model, the model card and the uploaded
+    files only hold hashes. The salt is `user_id_salt` or the `PAL_USER_ID_SALT` environment variable; it is kept in
+    memory and written nowhere. A pushing trainer without a salt raises at construction, before any training;
+    `PalRewardConfig(hash_user_ids=False)` uploads the raw ids instead. The model keeps its salt, so raw ids still work
+    for scoring, further training and [`adapt_users`]; a checkpoint saved by such a trainer holds hashes, and looks
+    users up by raw id after `model.set_user_id_salt(salt)`. A model whose registry is already hashed is trained
+    further with the same salt: its known users keep their rows.
+
     Example:
 
     ```python
@@ -183,6 +193,7 @@ class PalRewardTrainer(RewardTrainer):
         optimizer_cls_and_kwargs=None,
         preprocess_logits_for_metrics=None,
         embedding_cache: EmbeddingCache | None = None,
+        user_id_salt: str | None = None,
     ):
         if isinstance(model, str):
             model = PalRewardModel.from_pretrained(model)
@@ -197,6 +208,14 @@ class PalRewardTrainer(RewardTrainer):
             raise TypeError(f"`args` must be a `PalRewardConfig`, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+
+        # The salt maps raw user ids to a hashed registry. It stays in memory: never in `args` (uploaded as
+        # `training_args.bin`) nor in any other file.
+        self._user_id_salt = resolve_user_id_salt(user_id_salt or getattr(model, "user_id_salt", None))
+        if self._user_id_salt is not None and model.config.hashed_user_ids:
+            model.set_user_id_salt(self._user_id_salt)
+        if args.push_to_hub:  # hashed before anything is saved: checkpoints are pushed during training
+            self._hash_user_ids_for_upload(model, args)
 
         if model.backbone is not None:
             if processing_class is None:
@@ -261,6 +280,8 @@ class PalRewardTrainer(RewardTrainer):
         self._total_train_tokens = 0
         self._tp_size = 1
         self.model.add_model_tags(self._tag_names)
+        if args.push_to_hub and not args.hash_user_ids:
+            self._warn_raw_user_ids()
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -292,7 +313,7 @@ class PalRewardTrainer(RewardTrainer):
             return dataset
         model = self._pal_model
         users = self._users_of(dataset, args, dataset_name)
-        unknown = [user for user in users if user not in set(model.config.user_ids)]
+        unknown = [user for user, registered in zip(users, model.is_registered(users)) if not registered]
         if unknown and args.unknown_users == "error":
             raise ValueError(
                 f"The {dataset_name} dataset has {len(unknown)} users the model does not know (e.g. {unknown[:3]}). "
@@ -552,6 +573,48 @@ class PalRewardTrainer(RewardTrainer):
             repo_id=self.args.hub_model_id,
         )
 
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ):
+        """
+        `Trainer.push_to_hub` (saves the model to `output_dir` and uploads that folder, except `_*` and `checkpoint-*`)
+        with PAL's model card, after replacing the model's user ids by salted hashes in place, so that no uploaded file
+        holds a raw id. The salt is the trainer's `user_id_salt` or the `PAL_USER_ID_SALT` environment variable; without
+        one this raises before anything is uploaded. `PalRewardConfig(hash_user_ids=False)` uploads the raw ids (with a
+        warning). Keyword arguments go to [`create_model_card`] (for example `dataset_name`).
+        """
+        model = self._pal_model
+        self._hash_user_ids_for_upload(model, self.args)
+        if not self.args.hash_user_ids:
+            self._warn_raw_user_ids()
+        return super().push_to_hub(
+            commit_message=commit_message, blocking=blocking, token=token, revision=revision, private=private, **kwargs
+        )
+
+    def _hash_user_ids_for_upload(self, model: PalRewardModel, args: PalRewardConfig) -> None:
+        """Hashes the registry in place with the trainer's salt when `args.hash_user_ids` (a `ValueError` without a
+        salt, unless the registry is already hashed)."""
+        if not args.hash_user_ids:
+            return
+        if self._user_id_salt is None:
+            if model.config.hashed_user_ids:  # nothing raw to hash; new users need the salt and say so
+                return
+            raise ValueError(missing_salt_message("A `PalRewardTrainer` that uploads to the Hub"))
+        model.hash_user_ids(self._user_id_salt)
+
+    def _warn_raw_user_ids(self) -> None:
+        if not self._pal_model.config.hashed_user_ids:
+            logger.warning(
+                "`hash_user_ids=False`: the raw user ids of the model's registry are uploaded to the Hub (in "
+                "`config.json` and every pushed checkpoint), readable by anyone who can read the repository."
+            )
+
     # ------------------------------------------------------------------ new users
     def adapt_users(
         self,
@@ -578,7 +641,7 @@ class PalRewardTrainer(RewardTrainer):
         prior_strength = args.adapt_prior_strength if prior_strength is None else prior_strength
         model = self._pal_model
         users = self._users_of(dataset, args, "adaptation")
-        known = set(model.config.user_ids)
+        known = {user for user, registered in zip(users, model.is_registered(users)) if registered}
         new_users = [user for user in users if user not in known]
         if not new_users:
             logger.warning("`adapt_users`: every user of the dataset is already registered; nothing to fit.")

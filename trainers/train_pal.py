@@ -13,6 +13,10 @@ python trainers/train_pal.py --config hub_configs/pal-demo.yaml --num_prototypes
 Steps: load the dataset (seen-user train/validation/test and unseen-user few-shot/test splits); train PAL on the seen
 users; fit the unseen users from their few-shot comparisons (`adapt_users`); evaluate seen-user and unseen-user
 accuracy; train the baseline; print a table; save the model, the tokenizer and a model card.
+
+With `--push_to_hub true` the model is uploaded to `hub_model_id` with its user ids replaced by salted hashes: set the
+salt in the `PAL_USER_ID_SALT` environment variable (the run stops before training without it), or pass
+`--hash_user_ids false` to upload the raw ids. The salt is written nowhere.
 """
 
 import dataclasses
@@ -26,6 +30,7 @@ from transformers import AutoTokenizer, set_seed
 from trl import TrlParser
 
 from pal_rm import PalRewardModel
+from pal_rm.hub import resolve_user_id_salt
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 from pal_rm.utils import MINILM, resolve_model_path
 
@@ -190,9 +195,16 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         baseline = PalRewardModel.from_backbone(
             backbone_path, variant="a", num_prototypes=1, similarity="dot", **head_kwargs
         )
+        # The baseline is not published (only the PAL model is pushed), but its folder lies inside the uploaded
+        # output_dir, so it holds hashed user ids whenever the PAL model does.
         baseline_args = dataclasses.replace(
-            training_args, output_dir=os.path.join(training_args.output_dir, "baseline"), unknown_users="population"
+            training_args,
+            output_dir=os.path.join(training_args.output_dir, "baseline"),
+            unknown_users="population",
+            push_to_hub=False,
         )
+        if training_args.push_to_hub and training_args.hash_user_ids:
+            baseline.hash_user_ids(resolve_user_id_salt())
         baseline_trainer = make_trainer(baseline, baseline_args, embedding_cache=trainer.embedding_cache)
         table["Bradley-Terry (one reward for everyone)"] = run_experiment(baseline_trainer, dataset, script_args)
 
