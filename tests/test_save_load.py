@@ -165,7 +165,7 @@ def test_in_place_save_where_the_folder_cannot_be_swapped(tmp_path, model_a, mod
     (folder / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
     (folder / f"_pal-staging-{modeling_pal._host_tag()}-{ended_pid()}-0a1b").mkdir()  # left by a killed in-place save
     real_ismount = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(folder) or real_ismount(path))
+    monkeypatch.setattr(os.path, "ismount", lambda path: path == os.path.realpath(folder) or real_ismount(path))
     with caplog.at_level(logging.WARNING, logger="pal_rm.modeling_pal"):
         model_b.save_pretrained(folder)
     assert "is a mount point" in caplog.text and "Save into a subfolder" in caplog.text
@@ -211,7 +211,7 @@ def test_save_failing_at_any_step_keeps_the_old_checkpoint(tmp_path, model_a, mo
                     break  # no step was left to fail
         assert_extra_files(folder)
         assert os.listdir(folder.parent) == ["checkpoint"]  # no staging or backup folder left behind
-    assert failures >= 8
+    assert failures >= 15
 
 
 def failing_at(failing_step: int, counter, function):
