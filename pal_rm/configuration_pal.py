@@ -5,6 +5,8 @@ This file is copied next to the weights by `save_pretrained`, so it only uses re
 transformers API.
 """
 
+from collections import Counter
+
 from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
@@ -170,7 +172,15 @@ class PalConfig(PretrainedConfig):
 
         user_ids = [str(user) for user in (user_ids or [])]
         if len(set(user_ids)) != len(user_ids):
-            raise ValueError("`user_ids` contains duplicates; every user id must be unique.")
+            counts = Counter(user_ids)
+            duplicates = [user for user, count in counts.items() if count > 1]
+            shown = ", ".join(repr(user) for user in duplicates[:10])
+            if len(duplicates) > 10:
+                shown += f" and {len(duplicates) - 10} more"
+            raise ValueError(
+                f"`user_ids` contains duplicates: {shown}. Every user id must be unique (row `i` of the user table "
+                "belongs to `user_ids[i]`); remove the repeated ids from the registry (`user_ids` in config.json)."
+            )
 
         self.variant = variant
         self.num_prototypes = num_prototypes

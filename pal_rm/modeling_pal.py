@@ -6,10 +6,17 @@ This file is copied next to the weights by `save_pretrained`, so that a checkpoi
 imports and the stable public transformers API.
 """
 
+import ctypes
+import errno
+import fnmatch
+import functools
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -263,6 +270,246 @@ def tokenize_texts(tokenizer, texts: Sequence[str], framing: dict, max_length: i
     return [frame_token_ids(ids, framing, "prompt", max_length=max_length) for ids in content]
 
 
+# ------------------------------------------------------------------ all-or-nothing checkpoints
+# A save writes the whole checkpoint into a staging folder beside `save_directory`, hard-links into it what the save does
+# not write itself (the Trainer's `checkpoint-*` folders, `training_args.bin`, tokenizer files, ...), then swaps the two
+# folders in one step with Linux's `renameat2(RENAME_EXCHANGE)`. Where that call is missing, two renames do the swap: a
+# save killed between them leaves `save_directory` missing and the previous checkpoint in a backup folder beside it,
+# which the next load or save moves back. The staging and backup folders are named
+# `_<name>.pal-<staging|backup>-<host>-<pid>-<random>`: outside the checkpoint, so never uploaded with it (and the
+# Trainer's uploads of its output folder skip names that start with `_`), and the next save deletes those whose process
+# has ended.
+_SWAP_FOLDER = re.compile(
+    r"_(?P<name>.+)\.pal-(?P<kind>staging|backup)-(?P<host>[A-Za-z0-9]*)-(?P<pid>[0-9]+)-[0-9a-f]+"
+)
+# Staging folders inside `save_directory`: the in-place save's, and the `.pal-save-*` ones of older pal-rm versions.
+_IN_PLACE_STAGING_FOLDER = re.compile(r"_pal-staging-(?P<host>[A-Za-z0-9]*)-(?P<pid>[0-9]+)-[0-9a-f]+|\.pal-save-.*")
+# Files that every save writes anew: never carried over from the checkpoint that a save replaces.
+_CHECKPOINT_FILES = (
+    "config.json",
+    "model*.safetensors",
+    "model*.safetensors.index*.json",
+    "pytorch_model*",
+    "configuration_pal.py",
+    "modeling_pal.py",
+)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _host_tag() -> str:
+    """
+    This machine and its PID namespace, as named in staging and backup folders: a process id only tells whether a save
+    still runs when read on the same machine and in the same PID namespace (containers can share a hostname).
+    """
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32]
+    try:
+        namespace = re.sub(r"[^0-9]", "", os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        namespace = ""
+    return host + namespace
+
+
+def _swap_folder_path(target: str, kind: str) -> str:
+    """A fresh staging or backup folder path beside `target`, named after it, this machine and this process."""
+    parent, name = os.path.split(target)
+    return os.path.join(parent, f"_{name}.pal-{kind}-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _owner_has_ended(host: str, pid: str) -> bool:
+    """
+    Whether the process that made a staging or backup folder has ended. This is only provable for another process of
+    this machine (and not on Windows, where `os.kill(pid, 0)` would stop it): anything else counts as still saving.
+    """
+    if os.name == "nt" or host != _host_tag() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in _CHECKPOINT_FILES)
+
+
+def _is_missing_or_empty(folder: str) -> bool:
+    if not os.path.lexists(folder):
+        return True
+    return os.path.isdir(folder) and not os.path.islink(folder) and not os.listdir(folder)
+
+
+def _recover_interrupted_saves(
+    parent: str, checkpoint_name: str | None = None, remove_leftovers: bool = False
+) -> None:
+    """
+    Repairs what saves killed midway left in `parent`. A checkpoint folder that is missing (or empty) while a backup of
+    it exists gets the backup back: the save was killed between the two renames of the fallback swap.
+    `checkpoint_name` limits this to one checkpoint. With `remove_leftovers`, the other staging and backup folders of
+    ended saves are deleted (each holds a partial new or a replaced old checkpoint).
+    """
+    if not os.path.isdir(parent):
+        return
+    leftovers = []
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            match = _SWAP_FOLDER.fullmatch(entry.name)
+            if match and entry.is_dir(follow_symlinks=False) and _owner_has_ended(match["host"], match["pid"]):
+                try:
+                    modified = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:  # another process cleaned it up meanwhile
+                    continue
+                leftovers.append((match["kind"] != "backup", -modified, entry.path))
+    for _, _, path in sorted(leftovers):  # backups first, the newest first
+        match = _SWAP_FOLDER.fullmatch(os.path.basename(path))
+        target = os.path.join(parent, match["name"])
+        if match["kind"] == "backup" and checkpoint_name in (None, match["name"]) and _is_missing_or_empty(target):
+            try:
+                os.rename(path, target)  # replaces an empty folder in one step
+            except FileNotFoundError:  # another process restored it meanwhile
+                continue
+            logger.warning(f"Restored the checkpoint {target} from {path}, left there by a save that was killed.")
+        elif remove_leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info(f"Removed {path}, left by a save that was killed.")
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """The C library's `renameat2`, or None where there is none (not Linux, or a C library without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange_folders(first: str, second: str) -> bool:
+    """
+    Swaps two folders in one atomic step with Linux's `renameat2(RENAME_EXCHANGE)`. Returns False and changes nothing
+    where that is not available (another OS, an old kernel or C library, a filesystem that does not support it).
+    """
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), first, None, second)
+
+
+def _swap_into_place(staging: str, target: str) -> str | None:
+    """
+    Puts the finished checkpoint in `staging` at `target`, so that a kill at any instant leaves a whole checkpoint at
+    `target`, the old one or the new one (or, in the fallback's window between two renames, the old one in a backup
+    folder that the next load or save moves back). Returns the folder now holding the replaced checkpoint, if any.
+    """
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return None
+    if _exchange_folders(staging, target):
+        return staging
+    backup = _swap_folder_path(target, "backup")
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    return backup
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    """Hard-links `source` at `destination`, so no data is copied; copies it where hard links fail."""
+    try:
+        os.link(source, destination, follow_symlinks=False)
+    except OSError as error:
+        logger.warning_once(
+            f"Could not hard-link files of the previous checkpoint into the new one ({error.strerror}): copying them."
+        )
+        shutil.copy2(source, destination, follow_symlinks=False)
+
+
+def _carry_over(previous: str, staging: str) -> None:
+    """
+    Adds to the new checkpoint in `staging` every entry of the folder it replaces that the save did not write itself:
+    the Trainer's `checkpoint-*` folders, `training_args.bin`, tokenizer files, a model card, ... as hard links to the
+    same data. The previous weights, `config.json` and code files are not carried over (the save rewrote them), nor are
+    the staging and backup folders that killed saves (or older pal-rm versions) left inside it.
+    """
+    written = set(os.listdir(staging))
+    with os.scandir(previous) as entries:
+        for entry in entries:
+            leftover = _SWAP_FOLDER.fullmatch(entry.name)
+            if (
+                entry.name in written
+                or _is_checkpoint_file(entry.name)
+                or _IN_PLACE_STAGING_FOLDER.fullmatch(entry.name)
+                or (leftover and _owner_has_ended(leftover["host"], leftover["pid"]))
+            ):
+                continue
+            destination = os.path.join(staging, entry.name)
+            if entry.is_symlink():
+                os.symlink(os.readlink(entry.path), destination)
+            elif entry.is_dir():
+                shutil.copytree(entry.path, destination, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(entry.path, destination)
+
+
+def _sync_directory(folder: str) -> None:
+    """Flushes a folder's entries to disk, where the OS allows it."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _sync_tree(folder: str) -> None:
+    """
+    Flushes every file and folder under `folder` to disk before the swap, so that a power cut cannot leave a swapped-in
+    checkpoint with empty files. Hard links to files already on disk cost nothing.
+    """
+    if os.name == "nt":
+        return
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                descriptor = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+        _sync_directory(root)
+
+
+def _why_not_swappable(target: str) -> str | None:
+    """Why `target` cannot be swapped for a sibling folder, if it cannot."""
+    if os.path.ismount(target):
+        return "is a mount point"
+    parent = os.path.dirname(target)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"is in a folder this process cannot write ({parent})"
+    return None
+
+
 class PalPreTrainedModel(PreTrainedModel):
     config_class = PalConfig
     base_model_prefix = "backbone"
@@ -419,32 +666,116 @@ class PalRewardModel(PalPreTrainedModel):
         "AutoModelForSequenceClassification": "modeling_pal.PalRewardModel",
     }
     CODE_FILES = ("configuration_pal.py", "modeling_pal.py")
+    # `save_pretrained(..., push_to_hub=True)` arguments that go to `push_to_hub`.
+    PUSH_TO_HUB_ARGUMENTS = (
+        "commit_message",
+        "commit_description",
+        "private",
+        "token",
+        "revision",
+        "create_pr",
+        "tags",
+    )
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(
+        self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False, **kwargs
+    ):
         """
         `PreTrainedModel.save_pretrained`, plus the two code files and an `auto_map` for `AutoConfig`, `AutoModel` and
         `AutoModelForSequenceClassification`, so the folder loads with `trust_remote_code=True` where pal_rm is not
-        installed. Everything is written to a temporary folder first and then moved in file by file, so a save that
-        fails leaves the previous checkpoint in `save_directory` intact.
+        installed.
+
+        A save is all-or-nothing: the checkpoint is written whole into a staging folder beside `save_directory`, then the
+        two folders are swapped in one step (`renameat2(RENAME_EXCHANGE)` on Linux; elsewhere two renames, and the next
+        load or save moves the previous checkpoint back if a save was killed between them). A save that fails or is
+        killed at any instant leaves the previous or the new checkpoint whole at `save_directory`. Files of
+        `save_directory` that the save does not write (the Trainer's `checkpoint-*` folders, `training_args.bin`,
+        tokenizer files, a model card, ...) are kept, as hard links. Where `save_directory` is a mount point or its
+        parent folder is read-only, the checkpoint is written in place file by file, with a warning.
+
+        With `push_to_hub=True`, the folder is saved as above, then the model is uploaded with `push_to_hub` (to
+        `repo_id`, by default the folder's name). Together with a `state_dict` or `variant`, or with
+        `is_main_process=False`, the call goes to `PreTrainedModel.save_pretrained` unchanged.
         """
         self.config.auto_map = dict(self.AUTO_MAP)
-        source = os.path.dirname(os.path.abspath(__file__))
-        if kwargs.get("push_to_hub", False) or not kwargs.get("is_main_process", True):
-            result = super().save_pretrained(save_directory, *args, **kwargs)
-            if kwargs.get("is_main_process", True):
-                for name in self.CODE_FILES:
-                    shutil.copyfile(os.path.join(source, name), os.path.join(save_directory, name))
+        if not is_main_process or (push_to_hub and (state_dict is not None or "variant" in kwargs)):
+            result = super().save_pretrained(
+                save_directory,
+                is_main_process=is_main_process,
+                state_dict=state_dict,
+                push_to_hub=push_to_hub,
+                **kwargs,
+            )
+            if is_main_process:
+                self._copy_code_files(save_directory)
             return result
-        if os.path.isfile(save_directory):
+        if push_to_hub:
+            hub_arguments = {name: kwargs.pop(name) for name in self.PUSH_TO_HUB_ARGUMENTS if name in kwargs}
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+            self.save_pretrained(save_directory, **kwargs)
+            return self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_arguments)
+
+        target = os.path.realpath(os.fspath(save_directory))
+        if os.path.isfile(target):
             raise ValueError(f"`save_directory` ({save_directory}) should be a directory, not a file.")
-        os.makedirs(save_directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".pal-save-", dir=save_directory)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        reason = _why_not_swappable(target)
+        if reason is not None:
+            return self._save_in_place(target, reason, state_dict=state_dict, **kwargs)
+        _recover_interrupted_saves(parent, remove_leftovers=True)
+        staging = _swap_folder_path(target, "staging")
+        os.mkdir(staging)
+        replaced = None
         try:
-            super().save_pretrained(staging, *args, **kwargs)
-            for name in self.CODE_FILES:
-                shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
-            for name in os.listdir(staging):
-                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+            self._write_checkpoint(staging, state_dict=state_dict, **kwargs)
+            if os.path.isdir(target):
+                _carry_over(target, staging)
+            _sync_tree(staging)
+            replaced = _swap_into_place(staging, target)
+            _sync_directory(parent)
+        finally:
+            for leftover in {staging, replaced} - {None}:
+                if os.path.lexists(leftover):
+                    shutil.rmtree(leftover, ignore_errors=True)
+                if os.path.lexists(leftover):
+                    logger.warning(f"Could not delete {leftover}; the next save into {parent} deletes it.")
+
+    def _copy_code_files(self, folder: str) -> None:
+        source = os.path.dirname(os.path.abspath(__file__))
+        for name in self.CODE_FILES:
+            shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
+
+    def _write_checkpoint(self, folder: str, **kwargs) -> None:
+        """The files of a checkpoint: `PreTrainedModel.save_pretrained` into `folder`, and the code files."""
+        super().save_pretrained(folder, **kwargs)
+        self._copy_code_files(folder)
+
+    def _save_in_place(self, target: str, reason: str, **kwargs) -> None:
+        """The save for a `save_directory` that cannot be swapped: written beside the old files, moved in one by one."""
+        logger.warning(
+            f"{target} {reason}, so it cannot be swapped for a new folder: the checkpoint is written into it file by "
+            "file, and a save killed midway can leave a mix of old and new files there. Save into a subfolder to get "
+            "all-or-nothing saves."
+        )
+        os.makedirs(target, exist_ok=True)
+        for name in os.listdir(target):
+            match = _IN_PLACE_STAGING_FOLDER.fullmatch(name)
+            if match and (match["pid"] is None or _owner_has_ended(match["host"], match["pid"])):
+                shutil.rmtree(os.path.join(target, name), ignore_errors=True)
+        staging = os.path.join(target, f"_pal-staging-{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+        os.mkdir(staging)
+        try:
+            self._write_checkpoint(staging, **kwargs)
+            _sync_tree(staging)
+            written = set(os.listdir(staging))
+            for name in written:
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
+            for name in os.listdir(target):  # e.g. the shards of a previous sharded save
+                path = os.path.join(target, name)
+                if name not in written and _is_checkpoint_file(name) and os.path.isfile(path):
+                    os.remove(path)
+            _sync_directory(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -452,9 +783,15 @@ class PalRewardModel(PalPreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """
         `PreTrainedModel.from_pretrained`, with clear errors for a checkpoint that is not a PAL model (use
-        [`PalRewardModel.from_backbone`] to wrap a backbone) and for corrupt or truncated weights.
+        [`PalRewardModel.from_backbone`] to wrap a backbone), for corrupt or truncated weights, and for a user registry
+        (`config.user_ids`) that does not match the user table of the weights: a user table is never re-initialised.
+        A local checkpoint left missing by a save killed midway is first restored from its backup folder.
         """
         config = kwargs.get("config")
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            local = os.path.realpath(os.fspath(pretrained_model_name_or_path))
+            if _is_missing_or_empty(local):
+                _recover_interrupted_saves(os.path.dirname(local), checkpoint_name=os.path.basename(local))
         if config is None and os.path.isdir(str(pretrained_model_name_or_path)):
             import json
 
@@ -468,8 +805,13 @@ class PalRewardModel(PalPreTrainedModel):
                         f"(model_type {PalConfig.model_type!r}). To build a PAL model on top of it, use "
                         f"`PalRewardModel.from_backbone({str(pretrained_model_name_or_path)!r}, ...)`."
                     )
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            # Mismatched sizes are checked below, where the user table gets its own error.
+            model, loading_info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
         except Exception as error:
             text = f"{type(error).__name__}: {error}"
             if any(
@@ -481,6 +823,37 @@ class PalRewardModel(PalPreTrainedModel):
                     f"file is corrupt or truncated ({text}). Save the model again or re-download the checkpoint."
                 ) from error
             raise
+        registry = "config.json" if config is None else "the `config` passed to `from_pretrained`"
+        mismatched = {key: (tuple(saved), tuple(expected)) for key, saved, expected in loading_info["mismatched_keys"]}
+        if "user_weights.weight" in mismatched:
+            (rows, columns), (users, prototypes) = mismatched["user_weights.weight"]
+            detail = (
+                f"{registry} registers {users} users but model.safetensors has {rows} rows in user_weights.weight"
+                if rows != users
+                else f"{registry} sets num_prototypes={prototypes} but model.safetensors has {columns} columns in "
+                "user_weights.weight"
+            )
+            raise ValueError(
+                f"{detail} (checkpoint {pretrained_model_name_or_path}): the user registry and the user table must "
+                "come from the same save, and a user table is never re-initialised. Use the config.json saved with "
+                "these weights, or load the model that has the right users and save it again."
+            )
+        if "user_weights.weight" in loading_info["missing_keys"] and model.num_users > 0:
+            raise ValueError(
+                f"{registry} registers {model.num_users} users but the weights of {pretrained_model_name_or_path} have "
+                "no user_weights.weight: the user table would be random. Use the config.json saved with these weights."
+            )
+        if mismatched and not ignore_mismatched_sizes:
+            details = "; ".join(
+                f"{key}: {list(saved)} in the checkpoint, {list(expected)} in the model"
+                for key, (saved, expected) in sorted(mismatched.items())
+            )
+            raise RuntimeError(
+                f"Size mismatch between the weights of {pretrained_model_name_or_path} and its config ({details}). "
+                "Use the config.json saved with these weights, or pass `ignore_mismatched_sizes=True` to re-initialise "
+                "these weights."
+            )
+        return (model, loading_info) if output_loading_info else model
 
     # ------------------------------------------------------------------ users
     @property
