@@ -698,6 +698,9 @@ class PalRewardModel(PalPreTrainedModel):
         `is_main_process=False`, the call goes to `PreTrainedModel.save_pretrained` unchanged.
         """
         self.config.auto_map = dict(self.AUTO_MAP)
+        allow_raw_user_ids = kwargs.pop("allow_raw_user_ids", False)
+        if push_to_hub:
+            self._refuse_raw_user_ids_upload(allow_raw_user_ids)
         if not is_main_process or (push_to_hub and (state_dict is not None or "variant" in kwargs)):
             result = super().save_pretrained(
                 save_directory,
@@ -713,7 +716,12 @@ class PalRewardModel(PalPreTrainedModel):
             hub_arguments = {name: kwargs.pop(name) for name in self.PUSH_TO_HUB_ARGUMENTS if name in kwargs}
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
             self.save_pretrained(save_directory, **kwargs)
-            return self.push_to_hub(repo_id, max_shard_size=kwargs.get("max_shard_size", "50GB"), **hub_arguments)
+            return self.push_to_hub(
+                repo_id,
+                max_shard_size=kwargs.get("max_shard_size", "50GB"),
+                allow_raw_user_ids=allow_raw_user_ids,
+                **hub_arguments,
+            )
 
         target = os.path.realpath(os.fspath(save_directory))
         if os.path.isfile(target):
@@ -986,6 +994,27 @@ class PalRewardModel(PalPreTrainedModel):
                     "match their hashes and known users would be registered again. Use the original salt."
                 )
         self.user_id_salt = salt
+
+    def push_to_hub(self, repo_id: str, *args, allow_raw_user_ids: bool = False, **kwargs):
+        """
+        `PreTrainedModel.push_to_hub`, refusing to upload a registry of raw user ids: hash it first
+        ([`hash_user_ids`], or `pal_rm.hub.push_to_hub`, which hashes by default and writes the model card), or pass
+        `allow_raw_user_ids=True` to publish the ids as they are.
+        """
+        self._refuse_raw_user_ids_upload(allow_raw_user_ids)
+        return super().push_to_hub(repo_id, *args, **kwargs)
+
+    def _refuse_raw_user_ids_upload(self, allow_raw_user_ids: bool) -> None:
+        if not self.config.user_ids or self.config.hashed_user_ids:
+            return
+        if not allow_raw_user_ids:
+            raise ValueError(
+                f"This model's registry holds {self.num_users} raw user ids, which an upload would publish. Hash them "
+                "first with `model.hash_user_ids(salt)` (keep the salt secret), or upload with "
+                "`pal_rm.hub.push_to_hub(model, tokenizer, repo_id)`, which hashes by default; pass "
+                "`allow_raw_user_ids=True` to publish the raw ids."
+            )
+        logger.warning(f"Uploading {self.num_users} raw user ids (`allow_raw_user_ids=True`).")
 
     def hash_user_ids(self, salt: str) -> None:
         """

@@ -349,3 +349,37 @@ def test_train_pal_push_uploads_hashes_only(hub, monkeypatch, tmp_path, demo_tok
     hub.assert_holds_none_of(users + [SALT])
     final = json.loads((hub.uploads[-1] / "config.json").read_text())
     assert sorted(final["user_ids"]) == sorted(hashed(users))
+
+
+def test_transformers_push_paths_refuse_raw_ids(model, tmp_path, monkeypatch):
+    """`model.push_to_hub` and `save_pretrained(push_to_hub=True)` (transformers' own upload paths) refuse a registry
+    of raw ids unless asked, and upload only hashes once the registry is hashed."""
+    import transformers.utils.hub as transformers_hub
+
+    uploaded = {}
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            for operation in operations:
+                source = operation.path_or_fileobj
+                uploaded[operation.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+
+    monkeypatch.setattr(transformers_hub, "hf_api", FakeApi)
+    monkeypatch.setattr(
+        transformers_hub, "create_and_tag_model_card", lambda *a, **k: SimpleNamespace(save=lambda p: None)
+    )
+    model.add_users(SEEN)
+    with pytest.raises(ValueError, match="raw user ids, which an upload would publish"):
+        model.push_to_hub("org/pal")
+    with pytest.raises(ValueError, match="raw user ids, which an upload would publish"):
+        model.save_pretrained(tmp_path / "push", push_to_hub=True, repo_id="org/pal")
+    assert uploaded == {}
+    model.hash_user_ids(SALT)
+    model.save_pretrained(tmp_path / "push", push_to_hub=True, repo_id="org/pal")
+    assert "config.json" in uploaded
+    for name, content in uploaded.items():
+        for secret in [*SEEN, SALT]:
+            assert secret.encode() not in content, f"{secret!r} leaked into {name}"

@@ -404,8 +404,15 @@ def test_push_to_hub_saves_all_or_nothing_then_uploads(tmp_path, model_a, model_
     monkeypatch.setattr(
         PalRewardModel, "push_to_hub", lambda self, repo_id, **kwargs: pushes.append((repo_id, kwargs))
     )
-    model_b.save_pretrained(folder, push_to_hub=True, commit_message="Add carol", private=True)
-    assert pushes == [("my-reward-model", {"max_shard_size": "50GB", "commit_message": "Add carol", "private": True})]
+    model_b.save_pretrained(
+        folder, push_to_hub=True, commit_message="Add carol", private=True, allow_raw_user_ids=True
+    )
+    assert pushes == [
+        (
+            "my-reward-model",
+            {"max_shard_size": "50GB", "allow_raw_user_ids": True, "commit_message": "Add carol", "private": True},
+        )
+    ]
     assert saved_as(folder, model_a, model_b) == "B"
     assert_extra_files(folder)
     assert os.listdir(tmp_path) == ["my-reward-model"]
@@ -429,7 +436,7 @@ def test_push_to_hub_uploads_the_code_files(tmp_path, model_a, monkeypatch):
 
     monkeypatch.setattr(hub, "hf_api", FakeApi)
     monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: FakeCard())
-    model_a.save_pretrained(tmp_path / "pal-model", push_to_hub=True, repo_id="pal-model")
+    model_a.save_pretrained(tmp_path / "pal-model", push_to_hub=True, repo_id="pal-model", allow_raw_user_ids=True)
     assert {"config.json", "model.safetensors", "configuration_pal.py", "modeling_pal.py"} <= set(uploaded)
     assert set(uploaded.values()) == {"user/pal-model"}
     assert saved_as(tmp_path / "pal-model", model_a, model_a) == "A"
