@@ -15,6 +15,7 @@ import torch
 from transformers.utils import logging
 
 from .configuration_pal import PalConfig
+from .metrics import personalized_preference_metrics
 from .modeling_pal import PalRewardModel
 
 logger = logging.get_logger(__name__)
@@ -106,8 +107,8 @@ class IndependentRewardHeads:
         return self
 
     @torch.no_grad()
-    def correct(self, dataset) -> tuple[torch.Tensor, list[str]]:
-        """Whether each comparison of `dataset` is ranked right (`chosen` above `rejected`), and its user."""
+    def reward_differences(self, dataset) -> tuple[torch.Tensor, list[str]]:
+        """`r(chosen) - r(rejected)` of each comparison of `dataset` for its user's head, and its user."""
         if self.weights is None:
             raise ValueError("Call `fit` first.")
         difference, users = self._tensors(dataset)
@@ -116,11 +117,17 @@ class IndependentRewardHeads:
             raise ValueError(f"No head for users {unknown[:3]} (fit them first: each user needs comparisons).")
         position = {user: i for i, user in enumerate(self.user_ids)}
         index = torch.tensor([position[user] for user in users])
-        return (self.weights[index] * difference).sum(-1) > 0, users
+        return (self.weights[index] * difference).sum(-1), users
+
+    def correct(self, dataset) -> tuple[torch.Tensor, list[str]]:
+        """Whether each comparison of `dataset` is ranked right (`chosen` above `rejected`), and its user."""
+        differences, users = self.reward_differences(dataset)
+        return differences > 0, users
 
     def accuracy(self, dataset) -> float:
-        correct, _ = self.correct(dataset)
-        return correct.float().mean().item()
+        """Pair-weighted accuracy (`pal_rm.metrics.personalized_preference_metrics`; a tie counts half)."""
+        differences, users = self.reward_differences(dataset)
+        return personalized_preference_metrics(differences.numpy(), users)["accuracy"]
 
 
 __all__ = ["IndependentRewardHeads", "fix_user_mixtures", "one_reward_model"]

@@ -65,7 +65,9 @@ def pair_reward_differences(
 
 
 def _accuracy(differences: torch.Tensor) -> float:
-    return (differences > 0).float().mean().item()
+    from .metrics import personalized_preference_metrics
+
+    return personalized_preference_metrics(differences.numpy())["accuracy"]
 
 
 def user_swap_check(

@@ -419,3 +419,47 @@ def test_conversational_data_and_norm_bound(tmp_path, word_tokenizer):
     assert bounded > unbounded  # the ideal points lie outside the tiny ball, so the penalty is added
     trainer.args.norm_bound = 0.01
     trainer.train()
+
+
+def test_evaluation_accuracy_is_exact_with_an_uneven_last_batch(tmp_path):
+    """Batches of 8 pairs over 13 pairs with different accuracies: the mean of batch means would be wrong; the
+    trainer's accuracy, margin and per-user figures equal those computed from the model's own rewards."""
+    from pal_rm import PalConfig, PalRewardModel
+    from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
+
+    torch.manual_seed(0)
+    model = PalRewardModel(PalConfig(feature_dim=4, num_prototypes=2, preference_dim=4))
+    generator = torch.Generator().manual_seed(0)
+    data = Dataset.from_dict(
+        {
+            "user_id": [f"u{i % 3}" for i in range(13)],
+            "chosen_features": torch.randn(13, 4, generator=generator).tolist(),
+            "rejected_features": torch.randn(13, 4, generator=generator).tolist(),
+        }
+    )
+    trainer = PalRewardTrainer(model, make_args(tmp_path, per_device_eval_batch_size=8), train_dataset=data)
+    model.eval()
+    users = data["user_id"]
+
+    def reward_differences(dataset):
+        with torch.no_grad():
+            chosen = model(item_features=torch.tensor(dataset["chosen_features"]), user_ids=users).logits
+            rejected = model(item_features=torch.tensor(dataset["rejected_features"]), user_ids=users).logits
+        return (chosen - rejected).squeeze(-1)
+
+    # Orient the pairs so the first batch of 8 is all right and the last batch of 5 all wrong.
+    wrong_way = (reward_differences(data) > 0) != (torch.arange(13) < 8)
+    chosen, rejected = torch.tensor(data["chosen_features"]), torch.tensor(data["rejected_features"])
+    data = data.remove_columns(["chosen_features", "rejected_features"])
+    data = data.add_column("chosen_features", torch.where(wrong_way[:, None], rejected, chosen).tolist())
+    data = data.add_column("rejected_features", torch.where(wrong_way[:, None], chosen, rejected).tolist())
+    differences = reward_differences(data)
+    metrics = trainer.evaluate(data)
+    expected = personalized_preference_metrics(differences.numpy(), users)
+    assert expected["accuracy"] == pytest.approx(8 / 13)  # the mean of the two batch means would say 0.5
+    assert metrics["eval_accuracy"] == pytest.approx(expected["accuracy"], abs=1e-12)
+    assert metrics["eval_margin"] == pytest.approx(differences.mean().item(), abs=1e-5)
+    assert metrics["eval_user_accuracy_mean"] == pytest.approx(expected["user_accuracy_mean"], abs=1e-12)
+    assert metrics["eval_log_loss"] == pytest.approx(expected["log_loss"], abs=1e-5)
+    assert metrics["eval_calibration_error"] == pytest.approx(expected["calibration_error"], abs=1e-5)
+    assert trainer.per_user_accuracy["eval"] == pytest.approx(per_user_accuracy(differences.numpy(), users))

@@ -20,6 +20,7 @@ from trl.trainer.utils import pad
 from pal_rm.cache import EmbeddingCache
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
+from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
 from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
 
 from .pal_reward_config import PalRewardConfig
@@ -235,7 +236,7 @@ class PalRewardTrainer(RewardTrainer):
         self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir)
         self.per_user_accuracy: dict[str, dict[str, float]] = {}
         self._current_eval_prefix = "eval"
-        self._user_hits: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._eval_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         # Users of the training data are registered before any optimizer sees the user table.
         self.train_users = self._users_of(train_dataset, args, "train")
@@ -493,52 +494,91 @@ class PalRewardTrainer(RewardTrainer):
             loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
 
         with torch.no_grad():
-            gather = self.accelerator.gather_for_metrics
-            all_rewards = self.accelerator.gather(outputs.logits)
-            self._metrics[mode]["min_reward"].append(all_rewards.min().item())
-            self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
-            self._metrics[mode]["max_reward"].append(all_rewards.max().item())
-            correct = (chosen > rejected).float()
-            self._metrics[mode]["accuracy"].append(gather(correct.mean()).mean().item())
-            self._metrics[mode]["margin"].append(gather((chosen - rejected).mean()).mean().item())
+            differences = (chosen - rejected).detach()
             if mode == "eval":
+                # Kept per pair and reduced once per evaluation (`log`): exact, whatever the batch sizes.
+                gather = self.accelerator.gather_for_metrics
                 users = inputs["user_ids"][: chosen.shape[0]]
-                self._user_hits.append((gather(users).cpu(), gather(correct).cpu()))
+                self._eval_pairs.append(
+                    (
+                        gather(differences).float().cpu(),
+                        gather(users).cpu(),
+                        gather(outputs.logits.detach()).float().cpu(),
+                    )
+                )
             else:
+                # Sums over the logging window, so `accuracy`, `margin` and `mean_reward` are pair-weighted.
+                gather = self.accelerator.gather
+                all_differences = gather(differences).float()
+                all_rewards = gather(outputs.logits.detach()).float()
+                metrics = self._metrics[mode]
+                metrics["correct"].append(((all_differences > 0).float() + 0.5 * (all_differences == 0)).sum().item())
+                metrics["pairs"].append(all_differences.numel())
+                metrics["margin_sum"].append(all_differences.sum().item())
+                metrics["reward_sum"].append(all_rewards.sum().item())
+                metrics["rewards"].append(all_rewards.numel())
+                metrics["min_reward"].append(all_rewards.min().item())
+                metrics["max_reward"].append(all_rewards.max().item())
                 weights = self.accelerator.unwrap_model(model).user_mixture_weights()
                 entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean()
-                self._metrics[mode]["mixture_entropy"].append(entropy.item())
+                metrics["mixture_entropy"].append(entropy.item())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
-            if self._user_hits:
-                per_user = self._per_user_accuracy()
-                self._user_hits = []
-                values = list(per_user.values())
-                metrics["user_accuracy_mean"] = sum(values) / len(values)
-                metrics["user_accuracy_min"] = min(values)
+            metrics = self._evaluation_metrics() if self._eval_pairs else {}
+            self._eval_pairs = []
             metrics = {f"{self._current_eval_prefix}_{key}": value for key, value in metrics.items()}
+        else:
+            values = self._metrics[mode]
+            metrics = {}
+            if values["pairs"]:
+                pairs, rewards = sum(values["pairs"]), sum(values["rewards"])
+                metrics = {
+                    "min_reward": min(values["min_reward"]),
+                    "mean_reward": sum(values["reward_sum"]) / rewards,
+                    "max_reward": max(values["max_reward"]),
+                    "accuracy": sum(values["correct"]) / pairs,
+                    "margin": sum(values["margin_sum"]) / pairs,
+                }
+            if values["mixture_entropy"]:
+                metrics["mixture_entropy"] = sum(values["mixture_entropy"]) / len(values["mixture_entropy"])
         logs.update(metrics)
         super(RewardTrainer, self).log(logs, start_time)
         self._metrics[mode].clear()
 
-    def _per_user_accuracy(self) -> dict[str, float]:
-        users = torch.cat([u for u, _ in self._user_hits])
-        correct = torch.cat([c for _, c in self._user_hits])
+    def _evaluation_metrics(self) -> dict[str, float]:
+        """Metrics of one evaluation from all its pairs (`pal_rm.metrics.personalized_preference_metrics`)."""
+        differences = torch.cat([d for d, _, _ in self._eval_pairs])
+        users = torch.cat([u for _, u, _ in self._eval_pairs])
+        rewards = torch.cat([r for _, _, r in self._eval_pairs])
+        results = personalized_preference_metrics(differences.numpy(), users.numpy())
         user_ids = self._pal_model.config.user_ids
-        result = {}
-        for row in users.unique().tolist():
-            name = user_ids[row] if row >= 0 else "<population>"
-            result[name] = correct[users == row].mean().item()
-        self.per_user_accuracy[self._current_eval_prefix] = result
-        return result
+        per_user = per_user_accuracy(differences.numpy(), users.numpy())
+        self.per_user_accuracy[self._current_eval_prefix] = {
+            (user_ids[row] if row >= 0 else "<population>"): value for row, value in per_user.items()
+        }
+        return {
+            "min_reward": rewards.min().item(),
+            "mean_reward": rewards.mean().item(),
+            "max_reward": rewards.max().item(),
+            "accuracy": results["accuracy"],
+            "margin": differences.mean().item(),
+            "user_accuracy_mean": results["user_accuracy_mean"],
+            "user_accuracy_min": results["user_accuracy_min"],
+            "log_loss": results["log_loss"],
+            "calibration_error": results["calibration_error"],
+        }
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """TRL's evaluation plus `eval_user_accuracy_mean` / `_min`; the full table is in `self.per_user_accuracy`."""
-        self._user_hits = []
+        """
+        TRL's evaluation, with every metric computed once from all the pairs (exact whatever the batch sizes, by
+        `pal_rm.metrics.personalized_preference_metrics`): `accuracy` (pair-weighted; a tie counts half), `margin`,
+        `mean_reward`/`min_reward`/`max_reward`, `user_accuracy_mean`/`_min`, `log_loss` and `calibration_error`. The
+        per-user table is in `self.per_user_accuracy[metric_key_prefix]`.
+        """
+        self._eval_pairs = []
         self._current_eval_prefix = metric_key_prefix
         return super().evaluate(
             eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix

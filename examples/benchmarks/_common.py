@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from pal_rm import PalConfig, PalRewardModel
 from pal_rm.baselines import IndependentRewardHeads, fix_user_mixtures, one_reward_model
+from pal_rm.metrics import per_user_accuracy
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 
 logger = logging.get_logger("pal_rm.benchmarks")
@@ -185,15 +186,12 @@ def independent_results(dataset, shots=SHOTS, l2_grid=INDEPENDENT_L2_GRID) -> di
     heads = IndependentRewardHeads(l2=l2).fit(dataset["train"])
     shot_train, shot_test = shot_datasets(dataset["unseen_train"], dataset["unseen_test"], shots)
     unseen = IndependentRewardHeads(l2=l2).fit(shot_train)
-    correct, users = unseen.correct(shot_test)
-    per_user = defaultdict(list)
-    for value, user in zip(correct.tolist(), users):
-        per_user[user].append(value)
+    differences, users = unseen.reward_differences(shot_test)
     return {
         "l2": l2,
         "validation_accuracy": scores[l2],
         "seen_accuracy": heads.accuracy(dataset["test"]),
-        "unseen_accuracy": by_shots({user: sum(v) / len(v) for user, v in per_user.items()}, shots),
+        "unseen_accuracy": by_shots(per_user_accuracy(differences.numpy(), users), shots),
     }
 
 

@@ -39,6 +39,7 @@ from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warm
 
 from pal_rm import PalRewardModel  # noqa: E402
 from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
+from pal_rm.metrics import personalized_preference_metrics  # noqa: E402
 from pal_rm.modeling_pal import format_preference_texts  # noqa: E402
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer  # noqa: E402
 from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
@@ -76,7 +77,7 @@ def test_accuracy(model, tokenizer, split) -> float:
         rejected = model.score_texts(
             tokenizer, split["prompt"], split["rejected"], users=split["user_id"], batch_size=128
         )
-    return (chosen > rejected).float().mean().item()
+    return personalized_preference_metrics((chosen - rejected).numpy())["accuracy"]
 
 
 def training_config(args, output_dir) -> PalRewardConfig:
