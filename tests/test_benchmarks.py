@@ -103,6 +103,15 @@ def test_speed_smoke(tmp_path):
     assert (tmp_path / "speed.png").exists()
 
 
+def test_big_backbone_smoke(tmp_path):
+    result = load_script("big_backbone").main(["--smoke", "--output_dir", str(tmp_path)])
+    assert read(tmp_path, "big_backbone") == result
+    assert set(result["results"]) == {"automodel", "from_backbone", "rebuild"}
+    assert result["results"]["from_backbone"]["backbone_dtype"] == "torch.bfloat16"
+    assert result["results"]["from_backbone"]["pal_parameter_dtypes"] == ["torch.float32"]
+    assert result["peak_rss_ratio"] > 0
+
+
 def test_render_results_from_json(tmp_path):
     render = load_script("render_results")
     results_dir = tmp_path / "results"

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RESULTS_DIR = os.path.join(HERE, "results")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BENCHMARKS = ("persona", "synthetic", "speed", "summary", "grpo_with_pal")
+BENCHMARKS = ("persona", "synthetic", "speed", "big_backbone", "summary", "grpo_with_pal")
 SOURCES = {"grpo_with_pal": os.path.join("outputs", "examples")}  # default: outputs/benchmarks
 
 
@@ -196,6 +196,32 @@ def render_summary(result, results_dir) -> str:
         + f"\n\nWith network: `python examples/benchmarks/summary.py --source openai/summarize_from_feedback "
         f"--drop_ties false` (expected seen-user sizes {expected['train']:,} / {expected['validation']:,} / "
         f"{expected['test']:,}).\n"
+    )
+
+
+def render_big_backbone(result, results_dir) -> str:
+    m, backbone, results = result["machine"], result["backbone"], result["results"]
+    labels = {
+        "automodel": "`AutoModel.from_pretrained` (the backbone alone)",
+        "from_backbone": "`PalRewardModel.from_backbone`",
+        "rebuild": "a random backbone built first, then replaced (what `from_backbone` did before)",
+    }
+    rows = [
+        [
+            labels[kind],
+            f"{results[kind]['peak_rss_mb']:.0f}",
+            results[kind]["peak_rss_mb"] / results["automodel"]["peak_rss_mb"],
+        ]
+        for kind in ("automodel", "from_backbone", "rebuild")
+    ]
+    return (
+        f"### Wrapping a big backbone (`examples/benchmarks/big_backbone.py`)\n\n`{result['command']}` on {m['cpu']}, "
+        f"{m['cpu_count']} cores, torch {m['torch']}: a random {backbone['architecture'].split()[0]} of "
+        f"{backbone['parameters'] / 1e6:.0f}M parameters saved in {backbone['dtype']}, loaded with "
+        f"`dtype=torch.bfloat16`, each way in its own interpreter. PAL's own parameters: "
+        f"{', '.join(results['from_backbone']['pal_parameter_dtypes'])}.\n\n"
+        + table(["load", "peak RSS (MB)", "ratio to the backbone alone"], rows)
+        + f"\n\nTarget: at most {result['target_peak_rss_ratio']}x.\n"
     )
 
 
