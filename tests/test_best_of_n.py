@@ -1,7 +1,6 @@
 import pytest
 import torch
-from conftest import make_word_tokenizer, tiny_model
-from transformers import GPT2Config, GPT2LMHeadModel
+from conftest import make_word_tokenizer, tiny_model, tiny_policy
 
 from pal_rm.best_of_n import best_of_n, sample_and_rerank
 
@@ -52,18 +51,7 @@ def test_bad_input(reward_model, tokenizer):
 
 
 def test_sample_and_rerank_with_a_causal_lm(reward_model, tokenizer):
-    torch.manual_seed(0)
-    policy = GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=1,
-            n_embd=16,
-            n_head=2,
-            vocab_size=len(tokenizer),
-            n_positions=64,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=tokenizer.eos_token_id,
-        )
-    ).eval()
+    policy = tiny_policy(tokenizer).eval()
     output = sample_and_rerank(
         policy,
         tokenizer,
