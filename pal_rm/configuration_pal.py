@@ -16,6 +16,7 @@ VARIANTS = ("a", "b")
 SIMILARITIES = ("neg_sq_l2", "neg_l2", "cosine", "dot")
 POOLINGS = ("last", "mean", "cls")
 ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
+BACKBONE_WEIGHTS = ("included", "reference")
 
 
 def _default_pooling(backbone_config) -> str:
@@ -81,6 +82,24 @@ class PalConfig(PretrainedConfig):
             is never stored.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of the user logits.
+        backbone_name_or_path (`str`, *optional*):
+            Where the backbone's pretrained weights come from (a Hub id or a local folder), recorded by
+            [`PalRewardModel.from_backbone`]. A checkpoint that does not hold the backbone weights loads them from here.
+        backbone_revision (`str`, *optional*):
+            The revision (branch, tag or commit) of `backbone_name_or_path`, when one was given.
+        backbone_weights (`str`, *optional*, defaults to `"included"`):
+            Where a saved checkpoint keeps the backbone weights: `"included"` (in `model.safetensors`, next to PAL's
+            weights) or `"reference"` (not saved: loaded from `backbone_name_or_path` at `backbone_revision`). Written by
+            [`PalRewardModel.save_pretrained`], which chooses it (see its `include_backbone` argument).
+        backbone_adapter (`dict`, *optional*):
+            The PEFT config (`peft_config.to_dict()`) of the adapter (for example LoRA) on the backbone, recorded by
+            [`PalRewardModel.add_backbone_adapter`]. A checkpoint then holds the adapter weights in its
+            `backbone_adapter/` folder (PEFT's format), and loading re-attaches them. `None`: no adapter.
+        backbone_fingerprint (`str`, *optional*):
+            A checksum of a sample of the backbone weights as loaded from `backbone_name_or_path` (with their dtypes),
+            recorded by [`PalRewardModel.from_backbone`]. Saving by reference checks that the backbone still has these
+            weights (not trained, merged or cast since), and loading by reference that the referenced weights are
+            still the same.
 
     Example:
 
@@ -117,6 +136,11 @@ class PalConfig(PretrainedConfig):
         sequence_framing: dict | None = None,
         user_id_salt_check: str | None = None,
         initializer_range: float = 0.02,
+        backbone_name_or_path: str | None = None,
+        backbone_revision: str | None = None,
+        backbone_weights: str = "included",
+        backbone_adapter: dict | None = None,
+        backbone_fingerprint: str | None = None,
         **kwargs,
     ):
         if isinstance(backbone_config, dict):
@@ -204,6 +228,32 @@ class PalConfig(PretrainedConfig):
         self.sequence_framing = sequence_framing
         self.user_id_salt_check = user_id_salt_check
         self.initializer_range = initializer_range
+
+        if backbone_weights not in BACKBONE_WEIGHTS:
+            raise ValueError(f"`backbone_weights` must be one of {BACKBONE_WEIGHTS}, got {backbone_weights!r}.")
+        if backbone_weights == "reference" and (backbone_config is None or not backbone_name_or_path):
+            raise ValueError(
+                "`backbone_weights='reference'` says the checkpoint holds no backbone weights, but "
+                f"`backbone_name_or_path` is {backbone_name_or_path!r}"
+                + (" and there is no `backbone_config`" if backbone_config is None else "")
+                + ": there is nothing to load the backbone from, and it is never initialised at random. Set "
+                "`backbone_name_or_path` in config.json to the backbone the model was built on (a Hub id or a local "
+                "folder), or save the model again with its backbone (`save_pretrained(..., include_backbone=True)`)."
+            )
+        if backbone_adapter is not None:
+            if not isinstance(backbone_adapter, dict) or "peft_type" not in backbone_adapter:
+                raise ValueError(
+                    "`backbone_adapter` must be a PEFT config as a dict (`peft_config.to_dict()`, with `peft_type`), got "
+                    f"{backbone_adapter!r}. Attach adapters with `PalRewardModel.add_backbone_adapter(peft_config)`."
+                )
+            if backbone_config is None:
+                raise ValueError("`backbone_adapter` needs a backbone: this config has no `backbone_config`.")
+            backbone_adapter = dict(backbone_adapter)
+        self.backbone_name_or_path = backbone_name_or_path
+        self.backbone_revision = backbone_revision
+        self.backbone_weights = backbone_weights
+        self.backbone_adapter = backbone_adapter
+        self.backbone_fingerprint = backbone_fingerprint
 
         kwargs["num_labels"] = 1
         kwargs["problem_type"] = "regression"

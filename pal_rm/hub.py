@@ -1,6 +1,7 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
 """Model cards and Hub uploads for PAL checkpoints."""
 
+import json
 import os
 import tempfile
 
@@ -55,28 +56,105 @@ def _format_results(eval_results: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _is_local_path(name_or_path: str) -> bool:
+    """Whether a backbone reference is a folder of this machine rather than a Hub id."""
+    return os.path.isabs(name_or_path) or os.path.exists(name_or_path)
+
+
+def _checkpoint_layout(model, saved: dict | None = None) -> dict:
+    """
+    How a checkpoint of `model` keeps its backbone: `{"weights": "included" | "reference", "adapter": dict | None,
+    "merged": dict | None, "reference": str, "revision": str | None}` (`merged`: the config of an adapter merged into
+    the saved backbone), read from a saved `config.json` (`saved`) or, without one, what `save_pretrained` does by
+    default (an adapter next to a reference where the model can refer to its backbone).
+    """
+    config = model.config
+    if saved is not None:
+        adapter = saved.get("backbone_adapter")
+        live_adapter = getattr(config, "backbone_adapter", None)
+        return {
+            "weights": saved.get("backbone_weights", "included"),
+            "adapter": adapter,
+            # Saved with `merge_adapter=True`: the model in memory still has the adapter the checkpoint merged in.
+            "merged": live_adapter if adapter is None and live_adapter is not None else None,
+            "reference": saved.get("backbone_name_or_path") or "",
+            "revision": saved.get("backbone_revision"),
+        }
+    adapter = getattr(config, "backbone_adapter", None)
+    by_reference = adapter is not None and model.can_refer_to_backbone()
+    return {
+        "weights": "reference" if by_reference else "included",
+        "adapter": adapter,
+        "merged": None,
+        "reference": getattr(config, "backbone_name_or_path", None) or "",
+        "revision": getattr(config, "backbone_revision", None),
+    }
+
+
+def _adapter_text(adapter: dict) -> str:
+    """`a LORA adapter (rank 16, target modules `q_proj`, `v_proj`)`."""
+    targets = adapter.get("target_modules")
+    targets = ", ".join(f"`{name}`" for name in targets) if isinstance(targets, list) else f"`{targets}`"
+    rank = f"rank {adapter['r']}, " if adapter.get("r") is not None else ""
+    return f"a {adapter.get('peft_type', 'PEFT')} adapter ({rank}target modules {targets})"
+
+
+def _backbone_weights_text(layout: dict) -> str:
+    """One sentence on where the backbone weights of a checkpoint are."""
+    reference = layout["reference"]
+    where = f"`{reference}`" + (f" (revision `{layout['revision']}`)" if layout["revision"] else "")
+    adapter = layout["adapter"]
+    if adapter is None and layout["merged"] is not None:
+        base = f" into the base backbone {where}" if reference else ""
+        merged = _adapter_text(layout["merged"])
+        return f"The full backbone weights are in this checkpoint (`model.safetensors`), with {merged} merged{base}."
+    if adapter is not None:
+        adapter_text = (
+            f"{_adapter_text(adapter)} in `backbone_adapter/` (PEFT's format), attached again when the model loads "
+            "(this needs `peft`)"
+        )
+        if layout["weights"] == "reference":
+            return (
+                f"{adapter_text[0].upper()}{adapter_text[1:]} on the base backbone {where}, whose weights are not in "
+                "this checkpoint: they are loaded from there."
+            )
+        return f"The base backbone weights (in `model.safetensors`) and {adapter_text}."
+    if layout["weights"] == "reference":
+        return f"Not in this checkpoint: the backbone is loaded from {where} when the model loads."
+    return "The full backbone weights are in this checkpoint (`model.safetensors`)."
+
+
 def create_model_card(
     model,
     eval_results: dict | None = None,
     dataset_name: str | None = None,
     repo_id: str | None = None,
     license: str = "apache-2.0",
+    saved_config: dict | None = None,
 ) -> str:
     """
     A model card (README.md with YAML metadata) generated from a [`PalRewardModel`]: what PAL is, the backbone, K, the
-    variant, the number of users, evaluation results, a usage snippet, the license and the citation. The card names no
-    registered user: its usage snippet shows the placeholder `"<user id>"`.
+    variant, the number of users, where the backbone weights are (in the checkpoint, a LoRA adapter on a base backbone
+    with `base_model:` metadata, or a reference to the backbone), evaluation results, a usage snippet, the license and
+    the citation. `saved_config` is the saved `config.json` the card describes ([`save_model_card`] reads it); without
+    it the card describes what `save_pretrained` saves by default. The card names no registered user: its usage
+    snippet shows the placeholder `"<user id>"`.
     """
     config = model.config
     backbone = config.backbone_config
-    base_model = getattr(backbone, "_name_or_path", "") if backbone is not None else ""
-    base_model_line = f"base_model: {base_model}\n" if base_model and not os.path.isabs(base_model) else ""
+    layout = _checkpoint_layout(model, saved_config) if backbone is not None else None
+    base_model = (layout["reference"] if layout else "") or (
+        getattr(backbone, "_name_or_path", "") if backbone is not None else ""
+    )
+    base_model_line = f"base_model: {base_model}\n" if base_model and not _is_local_path(base_model) else ""
+    adapter_tags = "- peft\n- lora\n" if layout and (layout["adapter"] or layout["merged"]) is not None else ""
     backbone_text = (
         f"`{base_model or backbone.model_type}` ({backbone.model_type}, hidden size {config.hidden_size}, "
         f"`{config.pooling}` pooling)"
         if backbone is not None
         else f"none: the model scores pooled features of width {config.hidden_size}"
     )
+    backbone_weights_row = f"| backbone weights | {_backbone_weights_text(layout)} |\n" if layout else ""
     load_path = repo_id or "path/to/this/checkpoint"
     salt_line = (
         "model.set_user_id_salt(salt)  # the registry holds salted hashes: the uploader's salt maps raw ids to them\n"
@@ -97,7 +175,7 @@ license: {license}
 - personalized-reward-model
 - pal-rm
 - trl
-pipeline_tag: text-classification
+{adapter_tags}pipeline_tag: text-classification
 ---
 
 # PAL personalized reward model
@@ -111,7 +189,7 @@ K numbers, and a new user is fitted from a few comparisons.
 | | |
 |---|---|
 | backbone | {backbone_text} |
-| variant | {variant_text} |
+{backbone_weights_row}| variant | {variant_text} |
 | prototypes (K) | {config.num_prototypes} |
 | preference dimension | {config.preference_dim} |
 | registered users | {config.num_users}{" (ids stored as salted hashes)" if config.hashed_user_ids else ""} |
@@ -157,9 +235,16 @@ trainer.adapt_users(new_user_comparisons)   # columns: user_id, prompt, chosen, 
 
 
 def save_model_card(model, folder: str, **kwargs) -> str:
-    """Writes [`create_model_card`]'s card to `folder/README.md` (atomically) and returns its path."""
+    """
+    Writes [`create_model_card`]'s card to `folder/README.md` (atomically) and returns its path. The card describes
+    the checkpoint saved in `folder` (its `config.json`), where there is one.
+    """
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "README.md")
+    config_file = os.path.join(folder, "config.json")
+    if "saved_config" not in kwargs and os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as file:
+            kwargs["saved_config"] = json.load(file)
     staging = path + ".tmp"
     with open(staging, "w", encoding="utf-8") as file:
         file.write(create_model_card(model, **kwargs))
@@ -177,10 +262,18 @@ def save_upload_folder(
     hash_user_ids: bool = True,
     salt: str | None = None,
     license: str = "apache-2.0",
+    include_backbone: bool | None = None,
+    merge_adapter: bool = False,
 ) -> str:
     """
     Writes everything [`push_to_hub`] sends to `folder`: the weights (safetensors), the config with its `auto_map`, the
     two code files, the tokenizer and the model card.
+
+    The backbone is saved as [`PalRewardModel.save_pretrained`] saves it (`include_backbone`): a model with a LoRA
+    adapter uploads PAL's weights and the adapter, with a reference to the base backbone (`base_model:` in the card);
+    `include_backbone=False` uploads a frozen backbone as a reference too. A reference to a local folder means nothing
+    on the Hub: the base backbone weights are then uploaded (and `include_backbone=False` is an error).
+    `merge_adapter=True` uploads the backbone with the adapter merged in instead (a plain checkpoint; the card says so).
 
     By default (`hash_user_ids=True`) the registry is written as salted hashes of the ids, with the salt from `salt`,
     the one set on the model ([`PalRewardModel.set_user_id_salt`]) or the `PAL_USER_ID_SALT` environment variable (a
@@ -199,10 +292,25 @@ def save_upload_folder(
             f"`hash_user_ids=False`: the {config.num_users} raw user ids of the registry are saved in `config.json` as "
             "they are, and are readable by anyone who can read the repository they are uploaded to."
         )
+    reference = getattr(config, "backbone_name_or_path", None)
+    if reference and _is_local_path(reference) and model.backbone is not None and not merge_adapter:
+        if include_backbone is False:
+            raise ValueError(
+                f"`include_backbone=False` uploads a reference to the backbone instead of its weights, but the "
+                f"reference is a local folder ({reference}) that does not exist on the Hub. Build the model on the "
+                "backbone's Hub id (`PalRewardModel.from_backbone('org/name', ...)`), or upload the backbone weights "
+                "(`include_backbone=None` or `True`)."
+            )
+        if include_backbone is None and getattr(config, "backbone_adapter", None) is not None:
+            logger.info(
+                f"The base backbone is a local folder ({reference}), which does not exist on the Hub: the upload holds "
+                "its weights next to the adapter."
+            )
+        include_backbone = True
     try:
         if hash_user_ids and salt is not None:
             model.hash_user_ids(salt)
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, include_backbone=include_backbone, merge_adapter=merge_adapter)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         save_model_card(
@@ -226,10 +334,14 @@ def push_to_hub(
     token: str | None = None,
     commit_message: str = "Upload PAL reward model",
     license: str = "apache-2.0",
+    include_backbone: bool | None = None,
+    merge_adapter: bool = False,
 ):
     """
     Uploads a PAL model to the Hub as one commit: weights, config with `auto_map`, the two code files, the tokenizer
-    and a model card generated from the model (see [`save_upload_folder`]). Returns the commit info.
+    and a model card generated from the model (see [`save_upload_folder`], also for `include_backbone` and
+    `merge_adapter`: a model with a LoRA adapter uploads the adapter and a reference to its base backbone, or with
+    `merge_adapter=True` the merged backbone). Returns the commit info.
 
     User ids are uploaded as salted hashes unless `hash_user_ids=False` is passed explicitly: the salt comes from `salt`,
     the model ([`PalRewardModel.set_user_id_salt`]) or the `PAL_USER_ID_SALT` environment variable and is never
@@ -256,6 +368,8 @@ def push_to_hub(
             hash_user_ids=hash_user_ids,
             salt=salt,
             license=license,
+            include_backbone=include_backbone,
+            merge_adapter=merge_adapter,
         )
         api.create_repo(repo_id, private=private, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

@@ -6,10 +6,14 @@ This file is copied next to the weights by `save_pretrained`, so that a checkpoi
 imports and the stable public transformers API.
 """
 
+import contextvars
+import copy
 import ctypes
 import errno
 import fnmatch
 import functools
+import hashlib
+import json
 import math
 import os
 import re
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .configuration_pal import PalConfig
@@ -292,6 +296,7 @@ _CHECKPOINT_FILES = (
     "pytorch_model*",
     "configuration_pal.py",
     "modeling_pal.py",
+    "backbone_adapter",
 )
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -510,6 +515,116 @@ def _why_not_swappable(target: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------ backbone references and adapters
+# A checkpoint keeps the backbone in one of three ways: its weights in `model.safetensors` (`backbone_weights=
+# "included"`, under the plain names of the backbone: `backbone.h.0.attn.c_attn.weight`); a reference to where they came
+# from (`"reference"`: `backbone_name_or_path` at `backbone_revision`, loaded again with `AutoModel.from_pretrained`);
+# and, in both cases, a PEFT adapter on top (`backbone_adapter`), saved in PEFT's own format in the `backbone_adapter/`
+# folder (so it is also a plain PEFT adapter of the base backbone). The adapter lives in memory as a `PeftModel` that
+# wraps `model.backbone` only: PAL's heads, prototypes, user table and logit scale stay ordinary parameters.
+BACKBONE_ADAPTER_FOLDER = "backbone_adapter"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+# The name of the adapter inside the `PeftModel` (PEFT's default). PEFT keeps every adapter parameter under a module or
+# parameter dict keyed by this name (`lora_A.default.weight`, `modules_to_save.default.weight`, ...).
+_ADAPTER_NAME = "default"
+# Where PEFT puts the wrapped model's own modules: `base_model.model.<name>`, with `base_layer` (a layer an adapter
+# wraps) or `original_module` (a module PEFT copied to train) inserted before the original parameter names.
+_PEFT_PREFIX = "base_model.model."
+_PEFT_INFIXES = ("base_layer", "original_module")
+# Hub download arguments shared by the checkpoint, its adapter and the backbone it refers to.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "token")
+# `from_pretrained` arguments that only concern the backbone of a checkpoint that refers to its backbone.
+_BACKBONE_LOADING_KWARGS = (
+    "dtype",
+    "torch_dtype",
+    "attn_implementation",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "offload_buffers",
+    "quantization_config",
+)
+# `from_backbone` arguments that a reference (name, revision, plus the loading arguments above) reproduces.
+_REPRODUCIBLE_BACKBONE_KWARGS = frozenset(
+    _BACKBONE_LOADING_KWARGS + _HUB_KWARGS + ("revision", "low_cpu_mem_usage", "use_safetensors")
+)
+# What `PalRewardModel.__init__` leaves to `from_pretrained` while it loads a checkpoint: the backbone of a checkpoint
+# that refers to it (loaded from the reference instead), and the adapter (attached once the base weights are in place).
+_LOADING: contextvars.ContextVar = contextvars.ContextVar("pal_rm_loading", default=None)
+
+
+def _peft_classes():
+    """`(PeftModel, BaseTunerLayer)` when PEFT has been imported, else `None`: nothing can hold an adapter before."""
+    if "peft" not in sys.modules:
+        return None
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return PeftModel, BaseTunerLayer
+
+
+def _is_adapter_key(key: str) -> bool:
+    """Whether a state dict key of a PEFT-wrapped backbone is an adapter weight (it sits under the adapter's name)."""
+    return _ADAPTER_NAME in key.split(".")
+
+
+def _base_key(key: str) -> str:
+    """The plain name of a base weight of a PEFT-wrapped backbone: `base_model.model.h.0.attn.c_attn.base_layer.weight`
+    -> `h.0.attn.c_attn.weight`."""
+    key = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
+    return ".".join(part for part in key.split(".") if part not in _PEFT_INFIXES)
+
+
+def _import_peft():
+    """The `peft` package, or an `ImportError` that says what needs it and how to install it."""
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError(
+            "A backbone adapter (LoRA and other PEFT methods, `config.backbone_adapter`) needs the `peft` package: "
+            "`pip install peft`."
+        ) from error
+    return peft
+
+
+def _json_ready(peft_config_dict: dict) -> dict:
+    """A PEFT config dict as JSON values (sets become sorted lists, enums their values), as PEFT itself saves it."""
+
+    def convert(value):
+        if isinstance(value, set):
+            return sorted(value, key=str)
+        return value.value if hasattr(value, "value") else str(value)
+
+    return json.loads(json.dumps(peft_config_dict, default=convert))
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """
+    A checksum of a sample of weights: 16 evenly spaced values of every tensor (with its name, shape and dtype), as
+    `"<dtypes>:<sha256>"`. Cheap for any model size; it changes when weights are trained, merged or cast. `None` when a
+    tensor is not in memory here (meta, sharded across processes), so the weights cannot be checked.
+    """
+    digest = hashlib.sha256()
+    dtypes = set()
+    with torch.no_grad():
+        for name in sorted(state_dict):
+            tensor = state_dict[name]
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            if tensor.device.type == "meta" or type(tensor).__name__ == "DTensor" or hasattr(tensor, "ds_id"):
+                return None
+            flat = tensor.detach().reshape(-1)
+            if not flat.numel():  # a parameter partitioned away (DeepSpeed ZeRO-3) looks empty
+                return None
+            count = min(16, flat.numel())  # evenly spaced positions, in integers (floats round large indices)
+            positions = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+            sample = flat[positions].cpu().contiguous()
+            dtypes.add(str(tensor.dtype).replace("torch.", ""))
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return f"{','.join(sorted(dtypes))}:{digest.hexdigest()[:32]}"
+
+
 class PalPreTrainedModel(PreTrainedModel):
     config_class = PalConfig
     base_model_prefix = "backbone"
@@ -557,14 +672,15 @@ class PalRewardModel(PalPreTrainedModel):
 
     def __init__(self, config: PalConfig, backbone: PreTrainedModel | None = None):
         super().__init__(config)
+        loading = _LOADING.get()
         if backbone is not None:
             # A pretrained backbone (see `from_backbone`): keep its weights, never build or initialise another one.
             for module in backbone.modules():
                 module._is_hf_initialized = True
             self.backbone = backbone
-        elif config.backbone_config is not None:
+        elif config.backbone_config is not None and not (loading and loading["backbone_by_reference"]):
             self.backbone = AutoModel.from_config(config.backbone_config)
-        else:
+        else:  # no backbone, or `from_pretrained` attaches the one the checkpoint refers to
             self.backbone = None
         self.item_head = PalMLP(
             config.hidden_size,
@@ -587,6 +703,12 @@ class PalRewardModel(PalPreTrainedModel):
         self.register_buffer("population_mixture", torch.empty(config.num_prototypes), persistent=True)
         # What single-sequence entry points score for when no user is given (see `set_default_mixture`).
         self.default_mixture: torch.Tensor | None = None
+        if config.backbone_adapter is not None and self.backbone is not None and loading is None:
+            # `from_pretrained` attaches the adapter itself, once the base weights are loaded.
+            self._attach_backbone_adapter(config.backbone_adapter)
+            for name, module in self.backbone.named_modules():
+                if _ADAPTER_NAME in name.split("."):  # keep PEFT's initialisation of the adapter (LoRA B = 0)
+                    module._is_hf_initialized = True
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -609,6 +731,11 @@ class PalRewardModel(PalPreTrainedModel):
         parts (heads, prototypes, user table, logit scale) are float32 whatever the backbone's dtype, on the device of
         the backbone's input embeddings.
 
+        The model records where the backbone came from (`config.backbone_name_or_path`, `config.backbone_revision`
+        and a fingerprint of its weights), so that a checkpoint can refer to the backbone instead of holding it (see
+        [`save_pretrained`]'s `include_backbone`). A backbone loaded with arguments a reference does not reproduce
+        (`subfolder`, `gguf_file`, ...) gets no reference: its checkpoints always hold its weights.
+
         Example:
 
         ```python
@@ -627,20 +754,18 @@ class PalRewardModel(PalPreTrainedModel):
                 if name in backbone_kwargs:
                     raise ValueError(f"`{name}` is given twice: as an argument and in `backbone_kwargs`.")
                 backbone_kwargs[name] = value
-        backbone = AutoModel.from_pretrained(backbone_name_or_path, **backbone_kwargs)
+        backbone, loading_info = AutoModel.from_pretrained(
+            backbone_name_or_path, output_loading_info=True, **backbone_kwargs
+        )
         # The nested config keeps the backbone's attention implementation and dtype (saved, and used on reload).
         config_kwargs.setdefault("attn_implementation", backbone.config._attn_implementation)
+        reference = cls._backbone_reference(backbone_name_or_path, backbone_kwargs, backbone, loading_info)
+        for name, value in reference.items():
+            config_kwargs.setdefault(name, value)
         config = PalConfig(backbone_config=backbone.config, **config_kwargs)
         config.dtype = backbone.dtype
         model = cls(config, backbone=backbone)
-        device = backbone.get_input_embeddings().weight.device
-        if device.type != "meta":
-            for name, module in model.named_children():
-                if name != "backbone":
-                    module.to(device=device, dtype=torch.float32)
-            for name, parameter in model.named_parameters(recurse=False):
-                parameter.data = parameter.data.to(device=device, dtype=torch.float32)
-            model.population_mixture.data = model.population_mixture.data.to(device=device, dtype=torch.float32)
+        model._place_pal_parts()
         if model.config.sequence_framing is None:
             try:
                 from transformers import AutoTokenizer
@@ -652,12 +777,200 @@ class PalRewardModel(PalPreTrainedModel):
                 model.register_tokenizer(tokenizer)
         return model
 
+    @staticmethod
+    def _backbone_reference(
+        name_or_path, backbone_kwargs: dict, backbone: PreTrainedModel, loading_info: dict
+    ) -> dict:
+        """The config fields that let a checkpoint refer to a backbone loaded by `from_backbone` (empty if none can)."""
+        unreproducible = sorted(set(backbone_kwargs) - _REPRODUCIBLE_BACKBONE_KWARGS)
+        random = sorted(loading_info.get("missing_keys") or [])
+        if unreproducible or random:
+            reason = (
+                f"was loaded with {unreproducible}, which a reference does not reproduce"
+                if unreproducible
+                else f"lacks weights ({', '.join(random[:5])}{', ...' if len(random) > 5 else ''}) that transformers "
+                "initialised at random, so loading it again would not give the same backbone"
+            )
+            logger.info(
+                f"The backbone {name_or_path} {reason}: no reference to it is recorded, and checkpoints of this model "
+                "always hold the backbone weights."
+            )
+            return {}
+        name_or_path = os.fspath(name_or_path)
+        reference = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+        quantized = getattr(backbone, "hf_quantizer", None) is not None
+        return {
+            "backbone_name_or_path": reference,
+            "backbone_revision": backbone_kwargs.get("revision"),
+            "backbone_fingerprint": None if quantized else weights_fingerprint(backbone.state_dict()),
+        }
+
+    def _place_pal_parts(self) -> None:
+        """Puts PAL's own parts (heads, prototypes, user table, logit scale) in float32 on the backbone's input device."""
+        device = self.backbone.get_input_embeddings().weight.device
+        if device.type == "meta":
+            return
+        for name, module in self.named_children():
+            if name != "backbone":
+                module.to(device=device, dtype=torch.float32)
+        for name, parameter in self.named_parameters(recurse=False):
+            parameter.data = parameter.data.to(device=device, dtype=torch.float32)
+        self.population_mixture.data = self.population_mixture.data.to(device=device, dtype=torch.float32)
+
     @property
     def dtype(self) -> torch.dtype:
         """The backbone's dtype (what `save_pretrained` records and `dtype="auto"` reloads); PAL's parts are float32."""
         if self.backbone is not None:
             return self.backbone.dtype
         return torch.float32
+
+    # ------------------------------------------------------------------ backbone adapters (PEFT)
+    @property
+    def has_backbone_adapter(self) -> bool:
+        """Whether the backbone carries a PEFT adapter (attached by [`add_backbone_adapter`] or by loading)."""
+        classes = _peft_classes()
+        return classes is not None and isinstance(self.backbone, classes[0])
+
+    def add_backbone_adapter(self, peft_config) -> None:
+        """
+        Puts a PEFT adapter (LoRA or another PEFT method that injects layers) on the backbone, and on the backbone only:
+        `model.backbone` becomes a `peft.PeftModel` (`get_peft_model(backbone, peft_config)`) whose base weights are
+        frozen, while PAL's item head, prototypes, user table and logit scale stay ordinary, trainable parameters. The
+        adapter config is recorded in `config.backbone_adapter` (with PEFT's resolved `target_modules`), the numbers of
+        trainable parameters are logged, and [`save_pretrained`] then saves the adapter next to PAL's weights with a
+        reference to the base backbone; `from_pretrained` attaches it again. `peft_config.task_type` is ignored: the
+        task head is PAL's.
+
+        Example:
+
+        ```python
+        >>> from peft import LoraConfig
+        >>> model = PalRewardModel.from_backbone("HuggingFaceTB/SmolLM2-135M-Instruct", variant="b")
+        >>> model.add_backbone_adapter(LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+        ```
+        """
+        if self.backbone is None:
+            raise ValueError(
+                "This PAL model has no backbone (it scores pooled features), so there is nothing to put an adapter on. "
+                "Build the model on a backbone with `PalRewardModel.from_backbone(name_or_path, ...)`."
+            )
+        if self.has_backbone_adapter:
+            raise ValueError(
+                "The backbone already carries an adapter (`config.backbone_adapter`); a PAL model holds one adapter. "
+                "Train that one further, merge it into the backbone with `model.merge_backbone_adapter()` before "
+                "adding another, or reload the model without it."
+            )
+        self._check_no_foreign_adapters()
+        _import_peft()
+        from peft import PeftConfig
+
+        if not isinstance(peft_config, (PeftConfig, dict)):
+            raise TypeError(
+                f"`peft_config` must be a PEFT config (for example `peft.LoraConfig(...)`) or its dict, got "
+                f"{type(peft_config).__name__}."
+            )
+        self._attach_backbone_adapter(peft_config)
+        adapter = sum(parameter.numel() for parameter in self.backbone.parameters() if parameter.requires_grad)
+        pal = sum(
+            parameter.numel()
+            for name, parameter in self.named_parameters()
+            if not name.startswith("backbone.") and parameter.requires_grad
+        )
+        total = sum(parameter.numel() for parameter in self.parameters())
+        logger.info(
+            f"Added a {self.config.backbone_adapter['peft_type']} adapter to the backbone. Trainable parameters: "
+            f"{adapter:,} in the adapter + {pal:,} in PAL's heads, prototypes, user table and logit scale = "
+            f"{adapter + pal:,} of {total:,} ({100 * (adapter + pal) / max(total, 1):.4f}%); the base backbone weights "
+            "are frozen."
+        )
+
+    def _attach_backbone_adapter(self, peft_config) -> None:
+        """Wraps `self.backbone` in a `PeftModel` for `peft_config` (a PEFT config or its dict) and records the config."""
+        _import_peft()
+        from peft import PeftConfig, get_peft_model
+
+        if isinstance(peft_config, dict):
+            peft_config = PeftConfig.from_peft_type(**peft_config)
+        else:
+            peft_config = copy.deepcopy(peft_config)  # `get_peft_model` fills in the caller's config otherwise
+        if peft_config.is_prompt_learning:
+            raise ValueError(
+                f"{peft_config.peft_type} is a prompt-learning method: it changes the backbone's inputs rather than its "
+                "layers, which PAL's pooling does not support. Use LoRA (or another PEFT method that adapts layers)."
+            )
+        if peft_config.task_type is not None:
+            logger.info(
+                f"`task_type={peft_config.task_type}` of the PEFT config is ignored: the adapter goes on the backbone, "
+                "which has no task head; PAL's own heads, prototypes and user table train fully."
+            )
+            peft_config.task_type = None
+        training = self.backbone.training
+        self.backbone = get_peft_model(self.backbone, peft_config, adapter_name=_ADAPTER_NAME)
+        self.backbone.train(training)  # the new adapter layers follow the model's mode (no dropout in eval)
+        self.config.backbone_adapter = _json_ready(self.backbone.peft_config[_ADAPTER_NAME].to_dict())
+
+    def merge_backbone_adapter(self) -> None:
+        """
+        Merges the backbone adapter into the backbone weights and removes it (`PeftModel.merge_and_unload`):
+        `model.backbone` is a plain model again and `config.backbone_adapter` is `None`. The merged backbone differs from
+        `config.backbone_name_or_path`, so checkpoints hold it whole from then on.
+        """
+        if not self.has_backbone_adapter:
+            raise ValueError(
+                "This model has no backbone adapter to merge: attach one with `model.add_backbone_adapter(peft_config)`."
+            )
+        self.backbone = self.backbone.merge_and_unload()
+        self.config.backbone_adapter = None
+
+    def _check_no_foreign_adapters(self) -> None:
+        """Raises if PEFT layers were injected into this model other than by `add_backbone_adapter`."""
+        classes = _peft_classes()
+        if classes is None:
+            return
+        peft_model, tuner_layer = classes
+        managed = isinstance(self.backbone, peft_model)
+        foreign = [
+            name
+            for name, module in self.named_modules()
+            if isinstance(module, tuner_layer) and not (managed and name.startswith("backbone."))
+        ]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ValueError(
+                f"This PAL model holds PEFT adapter layers that `add_backbone_adapter` did not attach ({shown}): "
+                "`get_peft_model` was applied to the whole PAL model, or to `model.backbone` without putting the "
+                "result back. Such a model neither trains PAL's parts as intended nor saves and reloads its adapter. "
+                "Build the model again and call `model.add_backbone_adapter(peft_config)` (or pass `peft_config=` to "
+                "`PalRewardTrainer`): LoRA goes on the backbone, and PAL's heads, prototypes and user table train fully."
+            )
+
+    def _merged_adapter_weights(self) -> dict[str, torch.Tensor]:
+        """
+        The weights of the backbone modules an adapter changes, with the adapter merged, under their plain names: what
+        `merge_and_unload` would leave, computed on a copy of one module at a time (the model is not modified).
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        inner = self.backbone.get_base_model()
+        tuner_layers = {name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)}
+        merged = {}
+        for name, module in inner.named_modules():
+            parent = name.rpartition(".")[0]
+            if any(parent == layer or parent.startswith(layer + ".") for layer in tuner_layers):
+                continue
+            if hasattr(module, "unload_and_optionally_merge_module"):  # PEFT's wrappers (modules_to_save, ...)
+                unloaded = copy.deepcopy(module).unload_and_optionally_merge_module(
+                    merge=True, safe_merge=False, adapter_names=None
+                )
+            elif isinstance(module, BaseTunerLayer):
+                clone = copy.deepcopy(module)
+                clone.merge()
+                unloaded = clone.get_base_layer()
+            else:
+                continue
+            for key, value in unloaded.state_dict().items():
+                merged[f"{name}.{key}" if name else key] = value
+        return merged
 
     # ------------------------------------------------------------------ saving and loading
     AUTO_MAP = {
@@ -678,12 +991,37 @@ class PalRewardModel(PalPreTrainedModel):
     )
 
     def save_pretrained(
-        self, save_directory, is_main_process: bool = True, state_dict=None, push_to_hub: bool = False, **kwargs
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        state_dict=None,
+        push_to_hub: bool = False,
+        include_backbone: bool | None = None,
+        merge_adapter: bool = False,
+        **kwargs,
     ):
         """
         `PreTrainedModel.save_pretrained`, plus the two code files and an `auto_map` for `AutoConfig`, `AutoModel` and
         `AutoModelForSequenceClassification`, so the folder loads with `trust_remote_code=True` where pal_rm is not
         installed.
+
+        What the checkpoint holds of the backbone (recorded in its `config.json` as `backbone_weights`):
+
+        - a backbone without adapter: its weights, in `model.safetensors` (`include_backbone=None` or `True`), or, with
+          `include_backbone=False`, only a reference to it (`config.backbone_name_or_path` and `backbone_revision`,
+          recorded by [`from_backbone`]): the checkpoint is then PAL's weights alone, and loading it loads the backbone
+          from the reference. That is what [`PalRewardTrainer`] saves for a frozen backbone. It needs a reference and a
+          backbone whose weights are still those of the reference (checked on a fingerprint; a cast is allowed).
+        - a backbone with an adapter ([`add_backbone_adapter`]): PAL's weights, the adapter in `backbone_adapter/`
+          (PEFT's format: `adapter_config.json` and `adapter_model.safetensors`, a plain PEFT adapter of the base
+          backbone) and the reference to the base backbone, without the base weights. Where there is no reference, or
+          the base weights changed, or with `include_backbone=True`, the base weights are saved too.
+          `merge_adapter=True` saves the backbone with the adapter merged in instead (a plain checkpoint, without
+          adapter); the model itself keeps its adapter (this needs memory for a merged copy of the adapted layers:
+          call [`merge_backbone_adapter`] first to avoid it).
+
+        Loading ([`from_pretrained`], or `AutoModel.from_pretrained(path, trust_remote_code=True)`) puts it all back
+        together, and gives the same rewards as the saved model.
 
         A save is all-or-nothing: the checkpoint is written whole into a staging folder beside `save_directory`, then the
         two folders are swapped in one step (`renameat2(RENAME_EXCHANGE)` on Linux; elsewhere two renames, and the next
@@ -702,6 +1040,11 @@ class PalRewardModel(PalPreTrainedModel):
         if push_to_hub:
             self._refuse_raw_user_ids_upload(allow_raw_user_ids)
         if not is_main_process or (push_to_hub and (state_dict is not None or "variant" in kwargs)):
+            if is_main_process and (include_backbone is False or merge_adapter or self.has_backbone_adapter):
+                raise ValueError(
+                    "`push_to_hub=True` with a `state_dict` or `variant` goes through `PreTrainedModel.save_pretrained`, "
+                    "which saves no backbone reference or adapter: save the model to a folder first, then upload it."
+                )
             result = super().save_pretrained(
                 save_directory,
                 is_main_process=is_main_process,
@@ -715,7 +1058,9 @@ class PalRewardModel(PalPreTrainedModel):
         if push_to_hub:
             hub_arguments = {name: kwargs.pop(name) for name in self.PUSH_TO_HUB_ARGUMENTS if name in kwargs}
             repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(os.fspath(save_directory)))
-            self.save_pretrained(save_directory, **kwargs)
+            self.save_pretrained(
+                save_directory, include_backbone=include_backbone, merge_adapter=merge_adapter, **kwargs
+            )
             return self.push_to_hub(
                 repo_id,
                 max_shard_size=kwargs.get("max_shard_size", "50GB"),
@@ -730,13 +1075,26 @@ class PalRewardModel(PalPreTrainedModel):
         os.makedirs(parent, exist_ok=True)
         reason = _why_not_swappable(target)
         if reason is not None:
-            return self._save_in_place(target, reason, state_dict=state_dict, **kwargs)
+            return self._save_in_place(
+                target,
+                reason,
+                state_dict=state_dict,
+                include_backbone=include_backbone,
+                merge_adapter=merge_adapter,
+                **kwargs,
+            )
         _recover_interrupted_saves(parent, remove_leftovers=True)
         staging = _swap_folder_path(target, "staging")
         os.mkdir(staging)
         replaced = None
         try:
-            self._write_checkpoint(staging, state_dict=state_dict, **kwargs)
+            self._write_checkpoint(
+                staging,
+                state_dict=state_dict,
+                include_backbone=include_backbone,
+                merge_adapter=merge_adapter,
+                **kwargs,
+            )
             if os.path.isdir(target):
                 _carry_over(target, staging)
             _sync_tree(staging)
@@ -754,10 +1112,159 @@ class PalRewardModel(PalPreTrainedModel):
         for name in self.CODE_FILES:
             shutil.copyfile(os.path.join(source, name), os.path.join(folder, name))
 
-    def _write_checkpoint(self, folder: str, **kwargs) -> None:
-        """The files of a checkpoint: `PreTrainedModel.save_pretrained` into `folder`, and the code files."""
-        super().save_pretrained(folder, **kwargs)
+    def _write_checkpoint(
+        self, folder: str, state_dict=None, include_backbone: bool | None = None, merge_adapter: bool = False, **kwargs
+    ) -> None:
+        """
+        The files of a checkpoint: `PreTrainedModel.save_pretrained` into `folder` (of the weights chosen by
+        `_checkpoint_contents`, with the config fields that describe them), the adapter folder, and the code files.
+        """
+        weights, adapter_state, fields = self._checkpoint_contents(state_dict, include_backbone, merge_adapter)
+        previous = {name: getattr(self.config, name) for name in fields}
+        for name, value in fields.items():
+            setattr(self.config, name, value)
+        try:
+            super().save_pretrained(folder, state_dict=weights, **kwargs)
+        finally:
+            for name, value in previous.items():
+                setattr(self.config, name, value)
+        if adapter_state is not None:
+            self._write_adapter(os.path.join(folder, BACKBONE_ADAPTER_FOLDER), adapter_state)
         self._copy_code_files(folder)
+
+    def _checkpoint_contents(
+        self, state_dict: dict | None, include_backbone: bool | None, merge_adapter: bool
+    ) -> tuple[dict | None, dict | None, dict]:
+        """
+        What a save writes: the state dict for `model.safetensors` (`None`: the model's own, unchanged), the adapter's
+        state dict in PEFT's format (`None`: no adapter) and the config fields that describe them.
+        """
+        if include_backbone not in (None, True, False):
+            raise TypeError(f"`include_backbone` must be None, True or False, got {include_backbone!r}.")
+        self._check_no_foreign_adapters()
+        adapter = self.has_backbone_adapter
+        if merge_adapter:
+            if not adapter:
+                raise ValueError(
+                    "`merge_adapter=True` but this model has no backbone adapter: there is nothing to merge."
+                )
+            if include_backbone is False:
+                raise ValueError(
+                    "`merge_adapter=True` saves the backbone with the adapter merged in, which `include_backbone=False` "
+                    "would leave out: pass one or the other."
+                )
+            if state_dict is not None:
+                raise ValueError(
+                    "`merge_adapter=True` merges the model's own weights and cannot save a given `state_dict`. Save "
+                    "the merged model from one process with its full weights in memory, or call "
+                    "`model.merge_backbone_adapter()` first."
+                )
+        if self.backbone is None:
+            if include_backbone is False:
+                raise ValueError("`include_backbone=False`, but this PAL model has no backbone (it scores features).")
+            return state_dict, None, {"backbone_weights": "included"}
+        if not adapter and include_backbone is not False:  # the whole model, as transformers saves it
+            return state_dict, None, {"backbone_weights": "included"}
+
+        full = state_dict if state_dict is not None else self.state_dict()
+        pal = {key: value for key, value in full.items() if not key.startswith("backbone.")}
+        backbone = {key[len("backbone.") :]: value for key, value in full.items() if key.startswith("backbone.")}
+        base = self._base_weights(backbone)
+        if merge_adapter:
+            base.update(self._merged_adapter_weights())
+            weights = {**pal, **{f"backbone.{key}": value for key, value in base.items()}}
+            return weights, None, {"backbone_weights": "included", "backbone_adapter": None}
+        by_reference = self._may_refer_to_backbone(base, include_backbone)
+        weights = dict(pal) if by_reference else {**pal, **{f"backbone.{key}": value for key, value in base.items()}}
+        adapter_state = None
+        if adapter:
+            from peft import get_peft_model_state_dict
+
+            adapter_state = get_peft_model_state_dict(self.backbone, state_dict=backbone, adapter_name=_ADAPTER_NAME)
+        return weights, adapter_state, {"backbone_weights": "reference" if by_reference else "included"}
+
+    def can_refer_to_backbone(self) -> bool:
+        """
+        Whether a checkpoint of this model can hold a reference to its base backbone instead of the base weights
+        (`save_pretrained(..., include_backbone=False)`): the model records where the backbone came from
+        (`config.backbone_name_or_path`, set by [`from_backbone`]) and the base weights are still those (their
+        fingerprint is unchanged; weights cast to another dtype count as unchanged). [`PalRewardTrainer`] asks this
+        before it saves a frozen backbone by reference.
+        """
+        if self.backbone is None:
+            return False
+        state = {
+            key[len("backbone.") :]: value for key, value in self.state_dict().items() if key.startswith("backbone.")
+        }
+        return self._backbone_reference_problem(self._base_weights(state)) is None
+
+    def _base_weights(self, backbone_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The base weights of the backbone, under their plain names, from its state dict (adapter weights left out)."""
+        if not self.has_backbone_adapter:
+            return dict(backbone_state)
+        base = {_base_key(key): value for key, value in backbone_state.items() if not _is_adapter_key(key)}
+        if len(base) != sum(not _is_adapter_key(key) for key in backbone_state):
+            raise RuntimeError(
+                "Two base weights of the adapted backbone have the same plain name once PEFT's infixes are removed; "
+                "this adapter layout is not supported. Save with `merge_adapter=True`."
+            )
+        return base
+
+    def _backbone_reference_problem(self, base: dict[str, torch.Tensor]) -> str | None:
+        """Why a checkpoint cannot refer to the backbone instead of holding its base weights `base`, if it cannot."""
+        reference = self.config.backbone_name_or_path
+        if not reference:
+            return (
+                "this model records no reference to its backbone (`config.backbone_name_or_path` is unset: it was not "
+                "built with `PalRewardModel.from_backbone`, or its backbone cannot be loaded again identically)"
+            )
+        recorded = self.config.backbone_fingerprint
+        current = weights_fingerprint(base) if recorded else None
+        if recorded and current and current.split(":")[0] == recorded.split(":")[0] and current != recorded:
+            return (
+                f"the backbone's weights are no longer those of {reference} (they were trained or merged since it was "
+                "loaded: their fingerprint changed)"
+            )
+        return None
+
+    def _may_refer_to_backbone(self, base: dict[str, torch.Tensor], include_backbone: bool | None) -> bool:
+        """
+        Whether a checkpoint holds a reference to the base backbone instead of its weights `base` (plain names).
+        `include_backbone=False` raises where it cannot (see `can_refer_to_backbone`); `None` (an adapter's default)
+        then saves the base weights, and says why.
+        """
+        if include_backbone:
+            return False
+        problem = self._backbone_reference_problem(base)
+        if problem is None:
+            return True
+        if include_backbone is False:
+            raise ValueError(
+                f"`include_backbone=False` saves a reference to the backbone instead of its weights, but {problem}. "
+                "Save with `include_backbone=True`"
+                + (
+                    "."
+                    if self.config.backbone_name_or_path
+                    else ", or build the model with `PalRewardModel.from_backbone(name_or_path, ...)`, which records "
+                    "the reference."
+                )
+            )
+        log = logger.warning if self.config.backbone_name_or_path else logger.info
+        log(f"The checkpoint holds the base backbone weights next to the adapter: {problem}.")
+        return False
+
+    def _write_adapter(self, folder: str, adapter_state: dict[str, torch.Tensor]) -> None:
+        """Writes the backbone adapter in PEFT's format (config and weights), naming the base backbone it adapts."""
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        tensors = {key: value.detach().cpu().contiguous() for key, value in adapter_state.items()}
+        save_file(tensors, os.path.join(folder, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        peft_config = copy.deepcopy(self.backbone.peft_config[_ADAPTER_NAME])
+        if self.config.backbone_name_or_path:
+            peft_config.base_model_name_or_path = self.config.backbone_name_or_path
+            peft_config.revision = self.config.backbone_revision
+        peft_config.save_pretrained(folder)
 
     def _save_in_place(self, target: str, reason: str, **kwargs) -> None:
         """The save for a `save_directory` that cannot be swapped: written beside the old files, moved in one by one."""
@@ -778,11 +1285,17 @@ class PalRewardModel(PalPreTrainedModel):
             _sync_tree(staging)
             written = set(os.listdir(staging))
             for name in written:
-                os.replace(os.path.join(staging, name), os.path.join(target, name))
-            for name in os.listdir(target):  # e.g. the shards of a previous sharded save
+                destination = os.path.join(target, name)
+                if os.path.isdir(destination) and not os.path.islink(destination):  # the adapter folder
+                    shutil.rmtree(destination)
+                os.replace(os.path.join(staging, name), destination)
+            for name in os.listdir(target):  # e.g. the shards of a previous sharded save, or a stale adapter
                 path = os.path.join(target, name)
-                if name not in written and _is_checkpoint_file(name) and os.path.isfile(path):
-                    os.remove(path)
+                if name not in written and _is_checkpoint_file(name):
+                    if os.path.isfile(path):
+                        os.remove(path)
+                    elif os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
             _sync_directory(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -794,6 +1307,14 @@ class PalRewardModel(PalPreTrainedModel):
         [`PalRewardModel.from_backbone`] to wrap a backbone), for corrupt or truncated weights, and for a user registry
         (`config.user_ids`) that does not match the user table of the weights: a user table is never re-initialised.
         A local checkpoint left missing by a save killed midway is first restored from its backup folder.
+
+        Every weight comes from the checkpoint or from the backbone it refers to: a weight the checkpoint lacks, or one
+        the model does not have, is an error, never a random initialisation. A checkpoint that refers to its backbone
+        (`backbone_weights="reference"`, see [`save_pretrained`]) loads it from `backbone_name_or_path` at
+        `backbone_revision` with `AutoModel.from_pretrained`; the arguments that concern the backbone (`dtype`, by
+        default the one it was saved in, `attn_implementation`, `device_map`, `quantization_config`, `max_memory`,
+        `offload_folder`) go there, and PAL's own parts follow the backbone's input device, in float32. A backbone
+        adapter (`backbone_adapter`) is attached again with its saved weights (this needs `peft`).
         """
         config = kwargs.get("config")
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
@@ -801,8 +1322,6 @@ class PalRewardModel(PalPreTrainedModel):
             if _is_missing_or_empty(local):
                 _recover_interrupted_saves(os.path.dirname(local), checkpoint_name=os.path.basename(local))
         if config is None and os.path.isdir(str(pretrained_model_name_or_path)):
-            import json
-
             config_file = os.path.join(pretrained_model_name_or_path, "config.json")
             if os.path.isfile(config_file):
                 with open(config_file) as file:
@@ -815,6 +1334,11 @@ class PalRewardModel(PalPreTrainedModel):
                     )
         output_loading_info = kwargs.pop("output_loading_info", False)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        location = {name: kwargs[name] for name in (*_HUB_KWARGS, "revision", "subfolder") if name in kwargs}
+        saved_config = cls._checkpoint_config(pretrained_model_name_or_path, config, location)
+        by_reference = getattr(saved_config, "backbone_weights", "included") == "reference"
+        backbone = cls._load_referenced_backbone(saved_config, kwargs) if by_reference else None
+        loading = _LOADING.set({"backbone_by_reference": by_reference})
         try:
             # Mismatched sizes are checked below, where the user table gets its own error.
             model, loading_info = super().from_pretrained(
@@ -831,6 +1355,8 @@ class PalRewardModel(PalPreTrainedModel):
                     f"file is corrupt or truncated ({text}). Save the model again or re-download the checkpoint."
                 ) from error
             raise
+        finally:
+            _LOADING.reset(loading)
         registry = "config.json" if config is None else "the `config` passed to `from_pretrained`"
         mismatched = {key: (tuple(saved), tuple(expected)) for key, saved, expected in loading_info["mismatched_keys"]}
         if "user_weights.weight" in mismatched:
@@ -861,7 +1387,185 @@ class PalRewardModel(PalPreTrainedModel):
                 "Use the config.json saved with these weights, or pass `ignore_mismatched_sizes=True` to re-initialise "
                 "these weights."
             )
+        model._check_loaded_weights(loading_info, pretrained_model_name_or_path, registry)
+        if by_reference:
+            model._attach_referenced_backbone(backbone)
+        model._load_saved_adapter(pretrained_model_name_or_path, location)
+        model.eval()
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _checkpoint_config(cls, pretrained_model_name_or_path, config, location: dict):
+        """The config of the checkpoint being loaded (`None` if it cannot be read: `from_pretrained` then says why)."""
+        if isinstance(config, PretrainedConfig):
+            return config
+        source = config if isinstance(config, (str, os.PathLike)) else pretrained_model_name_or_path
+        try:
+            return cls.config_class.from_pretrained(source, **location)
+        except Exception:
+            return None
+
+    @staticmethod
+    def _load_referenced_backbone(config: PalConfig, kwargs: dict) -> PreTrainedModel:
+        """
+        Loads the backbone a checkpoint refers to, with the loading arguments that concern it (taken out of `kwargs`):
+        by default in the dtype it was saved in.
+        """
+        backbone_kwargs = {name: kwargs.pop(name) for name in _BACKBONE_LOADING_KWARGS if name in kwargs}
+        if "torch_dtype" in backbone_kwargs:
+            backbone_kwargs.setdefault("dtype", backbone_kwargs.pop("torch_dtype"))
+        if backbone_kwargs.get("dtype") is None:
+            saved_dtype = getattr(config, "dtype", None)
+            if isinstance(saved_dtype, str) and saved_dtype != "auto":
+                saved_dtype = getattr(torch, saved_dtype, None)
+            backbone_kwargs["dtype"] = saved_dtype if isinstance(saved_dtype, torch.dtype) else "auto"
+        backbone_kwargs.update({name: kwargs[name] for name in _HUB_KWARGS if name in kwargs})
+        reference, revision = config.backbone_name_or_path, config.backbone_revision
+        if revision is not None:
+            backbone_kwargs["revision"] = revision
+        where = f"{reference}" + (f" (revision {revision})" if revision else "")
+        try:
+            backbone, loading_info = AutoModel.from_pretrained(
+                reference, config=copy.deepcopy(config.backbone_config), output_loading_info=True, **backbone_kwargs
+            )
+        except OSError as error:
+            raise OSError(
+                f"This PAL checkpoint does not hold its backbone weights: it refers to the backbone {where}, which "
+                f"could not be loaded ({error}). Make that backbone available (download it, log in to the Hub, or "
+                "pass `token=`), or load a checkpoint saved with its backbone "
+                "(`model.save_pretrained(path, include_backbone=True)`)."
+            ) from error
+        if loading_info["missing_keys"]:
+            missing = sorted(loading_info["missing_keys"])
+            logger.warning(
+                f"The backbone {where} lacks {len(missing)} weight(s) ({', '.join(missing[:5])}"
+                f"{', ...' if len(missing) > 5 else ''}): transformers initialised them at random, as it did when the "
+                "PAL model was built on it. Where the model reads them, its rewards differ from the saved model's; "
+                "save it with `include_backbone=True` to keep them."
+            )
+        return backbone
+
+    def _attach_referenced_backbone(self, backbone: PreTrainedModel) -> None:
+        """
+        Puts the backbone loaded from the checkpoint's reference in place, moves PAL's parts to its device, and checks
+        that its weights are the ones the model was saved with (where the fingerprint can tell).
+        """
+        self.backbone = backbone
+        self.config.backbone_config = backbone.config
+        self._place_pal_parts()
+        recorded = self.config.backbone_fingerprint
+        if not recorded or getattr(backbone, "hf_quantizer", None) is not None:
+            return
+        current = weights_fingerprint(backbone.state_dict())
+        if current is None:
+            return
+        if current.split(":")[0] != recorded.split(":")[0]:
+            logger.info(
+                f"The backbone was loaded in another dtype ({current.split(':')[0]}) than it had when the model was "
+                f"built ({recorded.split(':')[0]}), so its weights cannot be checked against the recorded fingerprint."
+            )
+            self.config.backbone_fingerprint = current
+        elif current != recorded:
+            where = self.config.backbone_name_or_path + (
+                f" (revision {self.config.backbone_revision})" if self.config.backbone_revision else ""
+            )
+            raise ValueError(
+                f"The backbone loaded from {where} is not the one this PAL checkpoint was trained on: its weights "
+                f"changed (fingerprint {current}, recorded {recorded}). The rewards would be wrong. Load the original "
+                "backbone (pin `backbone_revision` in config.json to the revision the model was built on), or use a "
+                "checkpoint saved with its backbone (`save_pretrained(..., include_backbone=True)`)."
+            )
+
+    def _check_loaded_weights(self, loading_info: dict, source, registry: str) -> None:
+        """Raises on weights the checkpoint lacks (they would be random) or holds but the model has no place for."""
+        missing = sorted(loading_info["missing_keys"])
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            backbone_keys = [key for key in self.state_dict() if key.startswith("backbone.")]
+            hint = ""
+            if backbone_keys and set(backbone_keys) <= set(missing):
+                reference = self.config.backbone_name_or_path
+                hint = " The checkpoint holds no backbone weights at all" + (
+                    f': to load them from {reference}, set `"backbone_weights": "reference"` in its config.json.'
+                    if reference
+                    else ", and its config names no backbone to load them from (`backbone_name_or_path`)."
+                )
+            raise ValueError(
+                f"The weights of {source} lack {len(missing)} weight(s) of the model: {shown}. They would be "
+                f"initialised at random and the model would not be the one that was saved.{hint} Load the checkpoint "
+                f"with the {registry} saved with these weights, or save the model again with `save_pretrained`."
+            )
+        unexpected = sorted(loading_info["unexpected_keys"])
+        if unexpected:
+            shown = ", ".join(unexpected[:8]) + (f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+            hint = ""
+            if any(_is_adapter_key(key) or _PEFT_PREFIX in key for key in unexpected):
+                hint = (
+                    " They are weights of a PEFT adapter saved without its config: attach adapters with "
+                    "`model.add_backbone_adapter(peft_config)`, whose `save_pretrained` records the adapter config and "
+                    f"saves the adapter in `{BACKBONE_ADAPTER_FOLDER}/`."
+                )
+            raise ValueError(
+                f"The weights of {source} hold {len(unexpected)} weight(s) the model has no place for: {shown}. They "
+                f"would be dropped.{hint} Load the checkpoint with the {registry} saved with these weights."
+            )
+
+    def _load_saved_adapter(self, pretrained_model_name_or_path, location: dict) -> None:
+        """Attaches the backbone adapter a checkpoint records (`config.backbone_adapter`) and loads its weights."""
+        adapter_config = self.config.backbone_adapter
+        if adapter_config is None:
+            subfolder = os.path.join(location.get("subfolder") or "", BACKBONE_ADAPTER_FOLDER)
+            if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and os.path.exists(
+                os.path.join(pretrained_model_name_or_path, subfolder, ADAPTER_WEIGHTS_NAME)
+            ):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds the weights of a backbone adapter ({subfolder}/), but its "
+                    "config records no adapter (`backbone_adapter`): the adapter would be left out. Use the config.json "
+                    "saved with these weights."
+                )
+            return
+        self.config.backbone_adapter = None
+        self._attach_backbone_adapter(adapter_config)
+        self.load_backbone_adapter_weights(pretrained_model_name_or_path, **location)
+
+    def load_backbone_adapter_weights(self, pretrained_model_name_or_path, **kwargs) -> None:
+        """
+        Loads the adapter weights of a PAL checkpoint (its `backbone_adapter/adapter_model.safetensors`, a local folder
+        or a Hub repository; `kwargs` are download arguments such as `revision` or `token`) into the adapter attached to
+        this model's backbone. `from_pretrained` does this itself; the trainer calls it when it resumes from a
+        checkpoint or loads the best one, since `Trainer` loads `model.safetensors` only. Weights that are missing or
+        that the adapter has no place for are an error.
+        """
+        if not self.has_backbone_adapter:
+            raise ValueError(
+                "This model's backbone has no adapter to load weights into: attach one with "
+                "`model.add_backbone_adapter(peft_config)`, or load the checkpoint with `PalRewardModel.from_pretrained`."
+            )
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        from transformers.utils import cached_file
+
+        subfolder = os.path.join(kwargs.pop("subfolder", None) or "", BACKBONE_ADAPTER_FOLDER)
+        try:
+            weights_file = cached_file(
+                pretrained_model_name_or_path, ADAPTER_WEIGHTS_NAME, subfolder=subfolder, **kwargs
+            )
+        except OSError as error:
+            raise OSError(
+                f"The model has a {self.config.backbone_adapter.get('peft_type')} adapter on its backbone, but the "
+                f"adapter weights of {pretrained_model_name_or_path} ({subfolder}/{ADAPTER_WEIGHTS_NAME}) could not be "
+                f"read ({error}). An adapter is never initialised at random: copy or download the whole checkpoint, "
+                f"with its `{BACKBONE_ADAPTER_FOLDER}/` folder."
+            ) from error
+        result = set_peft_model_state_dict(self.backbone, load_file(weights_file), adapter_name=_ADAPTER_NAME)
+        missing = sorted(key for key in result.missing_keys if _is_adapter_key(key))
+        unexpected = sorted(result.unexpected_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"The adapter weights of {pretrained_model_name_or_path} ({subfolder}/{ADAPTER_WEIGHTS_NAME}) do not "
+                f"match the adapter on the backbone: missing {missing[:8]}, unexpected {unexpected[:8]}. They must come "
+                "from the same save as its config: save the model again with `save_pretrained`."
+            )
 
     # ------------------------------------------------------------------ users
     @property
@@ -1118,7 +1822,9 @@ class PalRewardModel(PalPreTrainedModel):
         if cached is None or cached[0] is not self.backbone:
             import inspect
 
-            takes = "position_ids" in inspect.signature(self.backbone.forward).parameters
+            # A `PeftModel` forwards `**kwargs`: read the signature of the model it wraps.
+            backbone = self.backbone.get_base_model() if self.has_backbone_adapter else self.backbone
+            takes = "position_ids" in inspect.signature(backbone.forward).parameters
             cached = (self.backbone, takes)
             self.__dict__["_takes_position_ids"] = cached
         return cached[1]

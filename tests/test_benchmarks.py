@@ -112,6 +112,14 @@ def test_big_backbone_smoke(tmp_path):
     assert result["peak_rss_ratio"] > 0
 
 
+def test_checkpoints_smoke(tmp_path):
+    load_script("checkpoints").main(["--smoke", "--output_dir", str(tmp_path)])
+    rows = {row["layout"]: row for row in read(tmp_path, "checkpoints")["results"]}
+    assert list(rows) == ["full", "reference", "lora_adapter", "lora_merged"]
+    assert all(row["bit_identical"] for row in rows.values())
+    assert rows["reference"]["size_mb"] < rows["lora_adapter"]["size_mb"] < rows["full"]["size_mb"]
+
+
 def test_render_results_from_json(tmp_path):
     render = load_script("render_results")
     results_dir = tmp_path / "results"

@@ -2,6 +2,7 @@
 """`PalRewardTrainer`: TRL's `RewardTrainer` for personalized PAL reward models."""
 
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.data.data_collator import DataCollatorMixin
+from transformers.trainer import TRAINING_ARGS_NAME
 from trl import RewardTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
@@ -804,6 +806,49 @@ class PalRewardTrainer(RewardTrainer):
             f"Adapted {len(new_users)} new users on {local.numel()} comparisons (train accuracy {accuracy:.3f})."
         )
         return {"users": new_users, "rows": rows, "loss": per_user.mean().item(), "accuracy": accuracy}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """
+        `Trainer._save`, except that a frozen backbone without adapter is saved as a reference, not as weights
+        (`PalRewardModel.save_pretrained(..., include_backbone=False)`): checkpoints hold PAL's weights only, and the
+        backbone loads from `config.backbone_name_or_path`. When the model is pushed to the Hub and that reference is a
+        local folder, which does not exist there, the backbone weights are saved instead (an adapter's base included).
+        """
+        model = self._pal_model
+        reference = model.config.backbone_name_or_path
+        include_backbone = None
+        if model.backbone is not None and reference:
+            if self.args.push_to_hub and os.path.exists(reference):
+                include_backbone = True
+            elif (
+                not model.has_backbone_adapter
+                and not any(parameter.requires_grad for parameter in model.backbone.parameters())
+                and model.can_refer_to_backbone()
+            ):
+                include_backbone = False
+        if include_backbone is None or not self.args.should_save:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        model.save_pretrained(output_dir, state_dict=state_dict, include_backbone=include_backbone)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """`Trainer._load_from_checkpoint`, plus the weights of the backbone adapter (in `backbone_adapter/`)."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_backbone_adapter_weights(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """`Trainer._load_best_model`, plus the weights of the backbone adapter (in `backbone_adapter/`)."""
+        super()._load_best_model()
+        self._load_backbone_adapter_weights(self.state.best_model_checkpoint)
+
+    def _load_backbone_adapter_weights(self, checkpoint: str) -> None:
+        # DeepSpeed and FSDP restore their own checkpoint states, adapter included.
+        if self._pal_model.has_backbone_adapter and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            self._pal_model.load_backbone_adapter_weights(checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """`Trainer.training_step`, refusing a non-finite loss (NaN or inf) instead of training on it."""

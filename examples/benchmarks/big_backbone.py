@@ -47,7 +47,8 @@ def make_backbone(folder: str, size: dict) -> int:
     if os.path.exists(marker):
         with open(marker) as file:
             return json.load(file)["parameters"]
-    config = LlamaConfig(num_attention_heads=size["hidden_size"] // 64, num_key_value_heads=4, **size)
+    heads = size["hidden_size"] // 64
+    config = LlamaConfig(num_attention_heads=heads, num_key_value_heads=min(4, heads), **size)
     torch.manual_seed(0)
     model = LlamaModel(config).to(torch.bfloat16)
     model.save_pretrained(folder)
