@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RESULTS_DIR = os.path.join(HERE, "results")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BENCHMARKS = ("persona", "synthetic", "speed", "big_backbone", "summary", "grpo_with_pal")
+BENCHMARKS = ("persona", "synthetic", "speed", "big_backbone", "checkpoints", "summary", "grpo_with_pal")
 SOURCES = {"grpo_with_pal": os.path.join("outputs", "examples")}  # default: outputs/benchmarks
 
 
@@ -222,6 +222,35 @@ def render_big_backbone(result, results_dir) -> str:
         f"{', '.join(results['from_backbone']['pal_parameter_dtypes'])}.\n\n"
         + table(["load", "peak RSS (MB)", "ratio to the backbone alone"], rows)
         + f"\n\nTarget: at most {result['target_peak_rss_ratio']}x.\n"
+    )
+
+
+def render_checkpoints(result, results_dir) -> str:
+    m, backbone, lora = result["machine"], result["backbone"], result["lora"]
+    labels = {
+        "full": "full (backbone weights included)",
+        "reference": "frozen backbone by reference",
+        "lora_adapter": "LoRA adapter + reference to the base",
+        "lora_merged": "LoRA merged into the backbone",
+    }
+    rows = [
+        [
+            labels.get(row["layout"], row["layout"]),
+            f"{row['size_mb']:.1f}",
+            f"{row['save_seconds']:.2f}",
+            f"{row['load_seconds']:.2f}",
+            "yes" if row["bit_identical"] else "no",
+        ]
+        for row in result["results"]
+    ]
+    return (
+        f"### Checkpoint layouts (`examples/benchmarks/checkpoints.py`)\n\n`{result['command']}` on {m['cpu']}, "
+        f"{m['cpu_count']} cores, torch {m['torch']}: a random {backbone['architecture'].split()[0]} of "
+        f"{backbone['parameters'] / 1e6:.0f}M parameters in {backbone['dtype']}, LoRA rank {lora['rank']} on "
+        f"{', '.join(lora['target_modules'])} ({lora['parameters'] / 1e6:.2f}M parameters), {result['users']} users. "
+        "Rewards after reloading are compared with the saved model's (the merged layout with an in-memory merge).\n\n"
+        + table(["layout", "size (MB)", "save (s)", "load (s)", "bit-identical rewards"], rows)
+        + "\n"
     )
 
 

@@ -15,7 +15,14 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ALL = ("persona", "synthetic", "summary", "big_backbone", "speed")  # speed last and alone: it measures wall time
+ALL = (
+    "persona",
+    "synthetic",
+    "summary",
+    "big_backbone",
+    "checkpoints",
+    "speed",
+)  # speed last and alone: it measures wall time
 
 
 def main(argv=None):
