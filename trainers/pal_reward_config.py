@@ -113,7 +113,7 @@ class PalRewardConfig(RewardConfig):
     max_length: int | None = field(
         default=None, metadata={"help": "Truncation length (from the left). None: the backbone's limit, at most 512."}
     )
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy."})
 
     def __post_init__(self):
