@@ -53,17 +53,25 @@ def make_args(tmp_path, **overrides) -> PalRewardConfig:
 
 
 # ---------------------------------------------------------------------- set-up is O(rows)
+MAX_REGISTRY_SCANS = 50  # far above what set-up needs; per-row scans fail here instead of running for hours
+
+
 class _CountingList(list):
     """The registry list of a config: counts full scans (`iter`, `in`), which per-row code would repeat."""
 
     counts: dict
 
-    def __iter__(self):
+    def _scan(self):
         self.counts["registry_scans"] += 1
+        if self.counts["registry_scans"] > MAX_REGISTRY_SCANS:
+            raise AssertionError("`config.user_ids` is scanned again and again: per-row work over every user.")
+
+    def __iter__(self):
+        self._scan()
         return super().__iter__()
 
     def __contains__(self, item):
-        self.counts["registry_scans"] += 1
+        self._scan()
         return super().__contains__(item)
 
 
@@ -83,6 +91,8 @@ def count_setup_operations(monkeypatch, tmp_path, num_users: int) -> dict[str, i
 
     def build(user_ids):
         counts["builds"] += 1
+        if counts["builds"] > MAX_REGISTRY_SCANS:
+            raise AssertionError("The user registry is rebuilt again and again: per-row work over every user.")
         counts["entries_built"] += len(user_ids)
         return CountingRegistry((user, row) for row, user in enumerate(list.__iter__(user_ids)))
 
