@@ -860,17 +860,16 @@ def _check_distinct(same: torch.Tensor, dataset_name: str, what: str) -> None:
 def _column_tensor(dataset: Dataset, column: str, dtype: torch.dtype) -> torch.Tensor:
     """A column as one tensor, read through Arrow/NumPy (not row by row)."""
     values = dataset.select_columns([column]).with_format("arrow")[:].column(column).combine_chunks()
-    if (
-        pa.types.is_list(values.type)
-        or pa.types.is_large_list(values.type)
-        or pa.types.is_fixed_size_list(values.type)
-    ) and values.null_count == 0:
-        # A feature column (one vector per row): flatten it in one go when every row has the same length (NumPy's
+    if values.null_count == 0 and pa.types.is_primitive(values.type):
+        return torch.tensor(values.to_numpy(zero_copy_only=False), dtype=dtype)
+    is_list = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+    if values.null_count == 0 and (is_list or pa.types.is_fixed_size_list(values.type)):
+        # A feature column (one vector per row): flattened in one go when every row has the same length (NumPy's
         # formatting would convert it row by row, seconds for a million rows).
         flat = values.flatten()
         if len(values) and len(flat) % len(values) == 0 and flat.null_count == 0 and pa.types.is_primitive(flat.type):
             width = len(flat) // len(values)
-            if pa.types.is_fixed_size_list(values.type) or _uniform_list_lengths(values, width):
+            if not is_list or _uniform_list_lengths(values, width):
                 return torch.tensor(flat.to_numpy(zero_copy_only=False).reshape(len(values), width), dtype=dtype)
     return torch.as_tensor(dataset.select_columns([column]).with_format("numpy")[:][column], dtype=dtype)
 

@@ -348,7 +348,6 @@ def part_many_users(args, tokenizer) -> dict:
             "users": model.num_users,
             "user_table_update": update,
             "setup_seconds": time.perf_counter() - start,
-            "sparse": trainers[name]._sparse_user_table_update() is not None,
         }
         timers[name] = StepTimer()
         trainers[name].add_callback(timers[name])
@@ -357,6 +356,9 @@ def part_many_users(args, tokenizer) -> dict:
         for trainer in trainers.values():
             trainer.train()
     for name, timer in timers.items():
+        # Per-batch updates keep their Adam state under these keys of the optimizer state of the table.
+        table = trainers[name].model.user_weights.weight
+        result[name]["sparse"] = "user_rows_step" in trainers[name].optimizer.state[table]
         result[name]["step_seconds_median"] = statistics.median(timer.durations)
         result[name]["steps_timed"] = len(timer.durations)
     many, few = result["many_users"], result["few_users"]
