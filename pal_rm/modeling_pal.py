@@ -1612,7 +1612,7 @@ class PalRewardModel(PalPreTrainedModel):
         ids = self.config.user_ids
         cached = self.__dict__.get("_registry_cache")
         if cached is None or cached[0] is not ids or cached[1] != len(ids):
-            cached = (ids, len(ids), {user: row for row, user in enumerate(ids)})
+            cached = (ids, len(ids), _build_user_registry(ids))
             self.__dict__["_registry_cache"] = cached
         return cached[2]
 
@@ -2185,6 +2185,11 @@ class PalRewardModel(PalPreTrainedModel):
         if return_prototype_rewards:
             return rewards, output.prototype_rewards.float().cpu()
         return rewards
+
+
+def _build_user_registry(user_ids: Sequence[str]) -> dict[str, int]:
+    """`{user id: row}` of a registry: built once per change of the registry, never per lookup."""
+    return {user: row for row, user in enumerate(user_ids)}
 
 
 def hash_user_id(user_id: str, salt: str) -> str:

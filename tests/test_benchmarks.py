@@ -100,6 +100,10 @@ def test_speed_smoke(tmp_path):
     assert result["users"]["registered_users"] == 10_000 and result["users"]["reward_is_finite"]
     assert result["users"]["rows_found"] == [9_999, 5_000]
     assert set(result["scoring"]["median_seconds"]) == {"backbone", "pal_a", "pal_b", "backbone_items_and_prompts"}
+    scale = result["many_users"]
+    assert scale["many_users"]["users"] == 2_000 and scale["many_users"]["sparse"]
+    assert scale["many_users"]["evaluated_users"] == 2_000 and not scale["many_users_dense"]["sparse"]
+    assert scale["step_ratio_many_over_few"] > 0 and scale["few_users"]["steps_timed"] == 3
     assert (tmp_path / "speed.png").exists()
 
 

@@ -27,8 +27,8 @@ def test_recipe_parses_with_the_real_parser(recipe):
     script_args, model_args, training_args = parser().parse_args_and_config(["--config", recipe])
     name = os.path.basename(recipe).removesuffix(".yaml")
     assert training_args.hub_model_id.endswith("/" + name)  # names the Hub repo it publishes to
-    assert script_args.dataset_name in {"demo", "persona", "summary"}
+    assert script_args.dataset_name in {"demo", "persona", "summary"} or name == "pal-own-data"
     assert model_args.variant in {"a", "b"} and model_args.num_prototypes >= 1
     assert not training_args.train_backbone
-    if script_args.dataset_name != "demo":
+    if script_args.dataset_name in {"persona", "summary"}:
         assert script_args.dataset_path  # persona needs its folder, summary its source

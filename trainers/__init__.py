@@ -3,5 +3,12 @@
 
 from .pal_reward_config import PalRewardConfig
 from .pal_reward_trainer import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardTrainer
+from .sparse_user_table import SparseUserTableAdam
 
-__all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardConfig", "PalRewardTrainer"]
+__all__ = [
+    "DataCollatorForPersonalizedPreference",
+    "FeatureTable",
+    "PalRewardConfig",
+    "PalRewardTrainer",
+    "SparseUserTableAdam",
+]

@@ -35,6 +35,12 @@ class PalRewardConfig(RewardConfig):
         adapt_steps, adapt_learning_rate, adapt_prior_strength:
             Defaults of [`PalRewardTrainer.adapt_users`]: full-batch Adam steps, learning rate, and the strength of the
             Gaussian prior that keeps a new user's logits near the population mixture.
+        user_table_update (`str`, *optional*, defaults to `"auto"`):
+            How the user table is trained. `"sparse"`: per-batch row-wise Adam(W) that touches only the rows of the
+            batch's users (O(batch) per step with any number of users; each user's Adam moments advance only on the
+            steps that hold its comparisons, see [`~pal_rm.trainers.SparseUserTableAdam`]). `"dense"`: the optimizer
+            updates the whole table every step. `"auto"`: sparse on one process or DDP with an Adam optimizer built by
+            the trainer and no fp16 scaling, dense otherwise (DeepSpeed, FSDP, fp16, another optimizer).
         hash_user_ids (`bool`, *optional*, defaults to `True`):
             When the trainer uploads to the Hub (`push_to_hub=True`, or `trainer.push_to_hub()`), replace the user ids
             of the model's registry by salted hashes first, so that no uploaded file holds a raw id. The salt is the
@@ -82,6 +88,13 @@ class PalRewardConfig(RewardConfig):
     adapt_prior_strength: float = field(
         default=0.01, metadata={"help": "Gaussian prior pulling new users' logits to the population mixture."}
     )
+    user_table_update: str = field(
+        default="auto",
+        metadata={
+            "help": "How the user table is trained: 'sparse' (per-batch row-wise Adam on the batch's users), 'dense' "
+            "(the optimizer updates the whole table every step) or 'auto' (sparse where it applies)."
+        },
+    )
     hash_user_ids: bool = field(
         default=True,
         metadata={
@@ -100,7 +113,7 @@ class PalRewardConfig(RewardConfig):
     max_length: int | None = field(
         default=None, metadata={"help": "Truncation length (from the left). None: the backbone's limit, at most 512."}
     )
-    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy."})
 
     def __post_init__(self):
@@ -109,5 +122,9 @@ class PalRewardConfig(RewardConfig):
             raise ValueError(f"`loss_type` must be 'sigmoid' or 'hinge', got {self.loss_type!r}.")
         if self.unknown_users not in ("error", "population"):
             raise ValueError(f"`unknown_users` must be 'error' or 'population', got {self.unknown_users!r}.")
+        if self.user_table_update not in ("auto", "sparse", "dense"):
+            raise ValueError(
+                f"`user_table_update` must be 'auto', 'sparse' or 'dense', got {self.user_table_update!r}."
+            )
         if self.norm_bound is not None and self.norm_bound <= 0:
             raise ValueError(f"`norm_bound` must be positive, got {self.norm_bound!r}.")

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import torch
 from accelerate.logging import get_logger
 from datasets import Dataset
@@ -26,6 +27,7 @@ from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
 from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
 
 from .pal_reward_config import PalRewardConfig
+from .sparse_user_table import SparseUserTableAdam
 
 logger = get_logger(__name__)
 
@@ -449,8 +451,9 @@ class PalRewardTrainer(RewardTrainer):
             "logit_scale": args.logit_scale_learning_rate,
         }
         grouped: dict[tuple[str, bool], list] = defaultdict(list)
+        sparse_table = getattr(self, "_sparse_user_table", None)
         for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
+            if not parameter.requires_grad and (sparse_table is None or parameter is not sparse_table.table):
                 continue
             if name.startswith("backbone."):
                 group = "backbone"
@@ -480,7 +483,39 @@ class PalRewardTrainer(RewardTrainer):
             optimizer_kwargs.pop("lr", None)
             groups = [{k: v for k, v in group.items() if k != "name"} for group in self.parameter_groups(model)]
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+            self._optimizer_built_here = True
         return self.optimizer
+
+    def _sparse_user_table_update(self) -> SparseUserTableAdam | None:
+        """
+        The per-batch user-table update for this run (`args.user_table_update`), or `None` for dense updates by the
+        optimizer. `"auto"` takes it wherever it applies and says why not otherwise; `"sparse"` raises where it cannot.
+        """
+        mode = self.args.user_table_update
+        table = self._pal_model.user_weights.weight
+        if mode == "dense" or self._pal_model.num_users == 0 or not table.requires_grad:
+            return None  # nothing to train sparsely (no user, or a table frozen by the caller)
+        reasons = []
+        distributed_type = str(self.accelerator.distributed_type)
+        if any(name in distributed_type for name in ("DEEPSPEED", "FSDP", "MEGATRON", "XLA")):
+            reasons.append(f"{distributed_type} manages the parameters itself")
+        if self.accelerator.scaler is not None:
+            reasons.append("fp16 gradient scaling applies to dense gradients only")
+        if self.optimizer is not None and not getattr(self, "_optimizer_built_here", False):
+            reasons.append("the optimizer was given to the trainer")
+        optimizer_name = getattr(self.args.optim, "value", self.args.optim)
+        if not str(optimizer_name).startswith("adam"):
+            reasons.append(f"`optim={optimizer_name!r}` is not Adam")
+        if not reasons:
+            return SparseUserTableAdam(self._pal_model, self.accelerator)
+        reasons = "; ".join(reasons)
+        if mode == "sparse":
+            raise ValueError(
+                f"`user_table_update='sparse'` cannot run here: {reasons}. Use `user_table_update='dense'` (or "
+                "'auto', which picks dense updates in this setting)."
+            )
+        logger.info(f"The user table gets dense updates from the optimizer ({reasons}).")
+        return None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -521,9 +556,6 @@ class PalRewardTrainer(RewardTrainer):
                 metrics["rewards"].append(all_rewards.numel())
                 metrics["min_reward"].append(all_rewards.min().item())
                 metrics["max_reward"].append(all_rewards.max().item())
-                weights = self.accelerator.unwrap_model(model).user_mixture_weights()
-                entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean()
-                metrics["mixture_entropy"].append(entropy.item())
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -544,8 +576,8 @@ class PalRewardTrainer(RewardTrainer):
                     "accuracy": sum(values["correct"]) / pairs,
                     "margin": sum(values["margin_sum"]) / pairs,
                 }
-            if values["mixture_entropy"]:
-                metrics["mixture_entropy"] = sum(values["mixture_entropy"]) / len(values["mixture_entropy"])
+            if metrics:  # once per logging step, not per training step: a softmax over the whole user table
+                metrics["mixture_entropy"] = self._mixture_entropy()
         logs.update(metrics)
         super(RewardTrainer, self).log(logs, start_time)
         self._metrics[mode].clear()
@@ -573,6 +605,12 @@ class PalRewardTrainer(RewardTrainer):
             "calibration_error": results["calibration_error"],
         }
 
+    @torch.no_grad()
+    def _mixture_entropy(self) -> float:
+        """Mean entropy of the registered users' mixtures (0: every user on one prototype; log K: uniform)."""
+        weights = self._pal_model.user_mixture_weights()
+        return -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean().item()
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """
         TRL's evaluation, with every metric computed once from all the pairs (exact whatever the batch sizes, by
@@ -587,8 +625,19 @@ class PalRewardTrainer(RewardTrainer):
         )
 
     def train(self, *args, **kwargs):
-        """Trains, then sets the model's population mixture to the mean mixture of the training users."""
-        output = super().train(*args, **kwargs)
+        """Trains, then sets the model's population mixture to the mean mixture of the training users. The user table
+        gets per-batch (sparse) updates unless `args.user_table_update` or the setup rules them out."""
+        self._sparse_user_table = self._sparse_user_table_update()
+        if self._sparse_user_table is not None:
+            self._sparse_user_table.attach()
+            self.add_callback(self._sparse_user_table)
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            if self._sparse_user_table is not None:
+                self.remove_callback(self._sparse_user_table)
+                self._sparse_user_table.detach()
+                self._sparse_user_table = None
         model = self._pal_model
         model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
         return output
@@ -889,7 +938,25 @@ def _check_distinct(same: torch.Tensor, dataset_name: str, what: str) -> None:
 
 def _column_tensor(dataset: Dataset, column: str, dtype: torch.dtype) -> torch.Tensor:
     """A column as one tensor, read through Arrow/NumPy (not row by row)."""
+    values = dataset.select_columns([column]).with_format("arrow")[:].column(column).combine_chunks()
+    if values.null_count == 0 and pa.types.is_primitive(values.type):
+        return torch.tensor(values.to_numpy(zero_copy_only=False), dtype=dtype)
+    is_list = pa.types.is_list(values.type) or pa.types.is_large_list(values.type)
+    if values.null_count == 0 and (is_list or pa.types.is_fixed_size_list(values.type)):
+        # A feature column (one vector per row): flattened in one go when every row has the same length (NumPy's
+        # formatting would convert it row by row, seconds for a million rows).
+        flat = values.flatten()
+        if len(values) and len(flat) % len(values) == 0 and flat.null_count == 0 and pa.types.is_primitive(flat.type):
+            width = len(flat) // len(values)
+            if not is_list or _uniform_list_lengths(values, width):
+                return torch.tensor(flat.to_numpy(zero_copy_only=False).reshape(len(values), width), dtype=dtype)
     return torch.as_tensor(dataset.select_columns([column]).with_format("numpy")[:][column], dtype=dtype)
+
+
+def _uniform_list_lengths(values: "pa.ListArray", width: int) -> bool:
+    """Whether every row of a list array holds `width` values."""
+    offsets = values.offsets.to_numpy(zero_copy_only=False)
+    return bool((offsets[1:] - offsets[:-1] == width).all())
 
 
 def _column_list(dataset: Dataset, column: str) -> list:

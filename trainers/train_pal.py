@@ -14,6 +14,20 @@ Steps: load the dataset (seen-user train/validation/test and unseen-user few-sho
 users; fit the unseen users from their few-shot comparisons (`adapt_users`); evaluate seen-user and unseen-user
 accuracy; train the baseline; print a table; save the model, the tokenizer and a model card.
 
+Your own data: any TRL preference dataset with a user column, from the Hub, a local folder or local files, as TRL's
+`reward.py` reads it:
+
+```bash
+python trainers/train_pal.py --config hub_configs/pal-own-data.yaml --dataset_name data/my-preferences
+python trainers/train_pal.py --dataset_name org/prefs --dataset_config default --user_column worker \
+    --dataset_test_split test --dataset_unseen_train_split new_users_train --dataset_unseen_test_split new_users_test
+python trainers/train_pal.py --dataset_name train.parquet,validation.parquet,test.parquet
+```
+
+Only the train split is required: without an unseen-user pair of splits there is no adaptation, without a test split
+seen-user accuracy is reported on the validation split (said so in the log and in `results.json`), and without either
+no held-out accuracy is reported. The test split is never used during training.
+
 With `--push_to_hub true` the model is uploaded to `hub_model_id` with its user ids replaced by salted hashes: set the
 salt in the `PAL_USER_ID_SALT` environment variable (the run stops before training without it), or pass
 `--hash_user_ids false` to upload the raw ids. The salt is written nowhere.
@@ -22,17 +36,28 @@ salt in the `PAL_USER_ID_SALT` environment variable (the run stops before traini
 import dataclasses
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from datasets import DatasetDict
 from transformers import AutoTokenizer, set_seed
+from transformers.utils import logging
 from trl import TrlParser
 
 from pal_rm import PalRewardModel
 from pal_rm.hub import resolve_user_id_salt
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 from pal_rm.utils import MINILM, resolve_model_path
+
+logger = logging.get_logger(__name__)
+
+BUILTIN_DATASETS = ("demo", "persona", "summary")
+# Local data files and the `datasets` builder that reads them.
+DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# The splits a run uses, by role: seen users (train, validation, test) and unseen users (few-shot, test).
+SPLIT_ROLES = ("train", "validation", "test", "unseen_train", "unseen_test")
 
 
 @dataclass
@@ -41,7 +66,16 @@ class PalScriptArguments:
 
     dataset_name: str = field(
         default="demo",
-        metadata={"help": "Which loader of `pal_rm.data`: 'demo' (built-in, offline), 'persona' or 'summary'."},
+        metadata={
+            "help": "A loader of `pal_rm.data` ('demo' (built-in, offline), 'persona' or 'summary'), or your own TRL "
+            "preference dataset with a user column: a Hub id, a local folder (one split per data file, named after "
+            "the file: train.jsonl, validation.jsonl, test.jsonl, ...; or a `save_to_disk` folder), or local "
+            ".jsonl/.json/.parquet/.csv files (one file: the train split; several, comma-separated: one split each, "
+            "named after the file)."
+        },
+    )
+    dataset_config: str | None = field(
+        default=None, metadata={"help": "Configuration of a Hub dataset (the `name` of `datasets.load_dataset`)."}
     )
     dataset_path: str | None = field(
         default=None,
@@ -50,7 +84,31 @@ class PalScriptArguments:
         },
     )
     dataset_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments of the loader (a dict in YAML, JSON on the command line)."}
+        default=None,
+        metadata={
+            "help": "Keyword arguments of the loader, or of `datasets.load_dataset` for your own data (for example "
+            "`data_files` or `revision`); a dict in YAML, JSON on the command line."
+        },
+    )
+    dataset_train_split: str = field(default="train", metadata={"help": "Split of the seen users' training data."})
+    dataset_validation_split: str | None = field(
+        default=None,
+        metadata={"help": "Split evaluated during training (model selection). Default: 'validation' if present."},
+    )
+    dataset_test_split: str | None = field(
+        default=None,
+        metadata={"help": "Split of the seen users' final evaluation, never used in training. Default: 'test'."},
+    )
+    dataset_unseen_train_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Few-shot comparisons of new users, fitted after training (`adapt_users`). Default: "
+            "'unseen_train' if present; none: no adaptation."
+        },
+    )
+    dataset_unseen_test_split: str | None = field(
+        default=None,
+        metadata={"help": "Test comparisons of the new users. Default: 'unseen_test' if present."},
     )
     dataset_seed: int = field(default=0, metadata={"help": "Seed of the dataset generator / splits."})
     compare_baseline: bool = field(
@@ -82,8 +140,11 @@ class PalModelArguments:
     mixture_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the user mixtures."})
 
 
-def load_preference_dataset(script_args: PalScriptArguments):
-    """The `DatasetDict` named by the script arguments (splits: train, validation, test, unseen_train, unseen_test)."""
+def load_preference_dataset(script_args: PalScriptArguments) -> DatasetDict:
+    """
+    The `DatasetDict` named by the script arguments: a built-in loader's (splits train, validation, test, unseen_train,
+    unseen_test) or your own data's, with the splits it has (see `select_splits`).
+    """
     from pal_rm import data
 
     kwargs = script_args.dataset_kwargs or {}
@@ -99,19 +160,222 @@ def load_preference_dataset(script_args: PalScriptArguments):
     if name == "summary":
         source = script_args.dataset_path or "openai/summarize_from_feedback"
         return data.load_summary_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
-    raise ValueError(f"Unknown `dataset_name` {name!r}; choose 'demo', 'persona' or 'summary'.")
+    return load_own_dataset(name, script_args.dataset_config, kwargs)
+
+
+def load_own_dataset(name: str, config_name: str | None = None, load_kwargs: dict | None = None) -> DatasetDict:
+    """
+    A preference dataset of your own, as a `DatasetDict`: `name` is a Hub id (read with `datasets.load_dataset(name,
+    config_name)`), a local folder, or local data files (comma-separated).
+
+    A local folder written by `save_to_disk` is read with `load_from_disk`. Otherwise each data file at the top of the
+    folder is one split named after the file (`train.jsonl`, `unseen_train.jsonl`, shards `train-00000-of-00002.parquet`
+    join their split); `datasets`' own folder conventions would merge `unseen_train.jsonl` into the train split. A
+    folder without data files at its top (one sub-folder per split, ...) is read with `datasets.load_dataset(folder)`.
+    One data file is the train split; several are one split each, named after the files. `load_kwargs` go to
+    `datasets.load_dataset` (with `data_files` given, the files and splits are the caller's).
+    """
+    from datasets import load_dataset, load_from_disk
+
+    load_kwargs = dict(load_kwargs or {})
+    if load_kwargs.get("streaming") or "split" in load_kwargs:
+        raise ValueError(
+            "`dataset_kwargs` may not set `streaming` or `split`: PAL reads the whole dataset (every unique text is "
+            "encoded once) and picks its splits with --dataset_train_split, --dataset_validation_split, "
+            "--dataset_test_split, --dataset_unseen_train_split and --dataset_unseen_test_split."
+        )
+    paths = [path.strip() for path in name.split(",") if path.strip()]
+    if "data_files" in load_kwargs:
+        loaded = load_dataset(name, name=config_name, **load_kwargs)
+    elif len(paths) == 1 and os.path.isdir(paths[0]):
+        folder = paths[0]
+        if os.path.exists(os.path.join(folder, "dataset_dict.json")) or os.path.exists(
+            os.path.join(folder, "state.json")
+        ):
+            loaded = load_from_disk(folder)
+        else:
+            files = sorted(
+                os.path.join(folder, entry)
+                for entry in os.listdir(folder)
+                if os.path.isfile(os.path.join(folder, entry)) and _data_file_extension(entry) is not None
+            )
+            if files:
+                loaded = load_dataset(_builder_of(files), data_files=_files_by_split(files), **load_kwargs)
+            else:
+                loaded = load_dataset(folder, name=config_name, **load_kwargs)
+    elif any(os.path.isfile(path) or _data_file_extension(path) is not None for path in paths):
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError(f"`dataset_name` names data files that do not exist: {missing}.")
+        data_files = {"train": paths} if len(paths) == 1 else _files_by_split(paths)
+        loaded = load_dataset(_builder_of(paths), data_files=data_files, **load_kwargs)
+    else:
+        loaded = load_dataset(name, name=config_name, **load_kwargs)
+    if not isinstance(loaded, DatasetDict):
+        raise ValueError(
+            f"Reading {name!r} gave a {type(loaded).__name__}, not a `DatasetDict` of splits; PAL needs the whole "
+            "dataset in memory (no streaming)."
+        )
+    return loaded
+
+
+def _data_file_extension(path: str) -> str | None:
+    lowered = path.lower()
+    return next((extension for extension in DATA_FILE_BUILDERS if lowered.endswith(extension)), None)
+
+
+def _builder_of(files: list[str]) -> str:
+    """The `datasets` builder that reads every one of `files`; an error for unknown or mixed formats."""
+    builders = {DATA_FILE_BUILDERS.get(_data_file_extension(path)) for path in files}
+    if None in builders:
+        unknown = [path for path in files if _data_file_extension(path) is None]
+        raise ValueError(
+            f"Unsupported data files {unknown}: local data must be {', '.join(DATA_FILE_BUILDERS)} files (or a folder "
+            "of them)."
+        )
+    if len(builders) > 1:
+        raise ValueError(f"The data files {files} mix formats ({sorted(builders)}); use one format for every split.")
+    return builders.pop()
+
+
+def _files_by_split(files: list[str]) -> dict[str, list[str]]:
+    """`{split: files}`, the split named after each file (shards `train-00000-of-00002.parquet` join `train`)."""
+    splits: dict[str, list[str]] = {}
+    for path in files:
+        base = os.path.basename(path)
+        stem = base[: -len(_data_file_extension(base))]
+        split = re.sub(r"-\d+-of-\d+$", "", stem)
+        if not re.fullmatch(r"\w+", split):
+            raise ValueError(
+                f"The data file {path!r} would be split {split!r}, which is not a valid split name (letters, digits "
+                "and underscores). Rename the file (train.jsonl, validation.jsonl, test.jsonl, unseen_train.jsonl, "
+                "unseen_test.jsonl, ...) or pass `data_files` in --dataset_kwargs."
+            )
+        splits.setdefault(split, []).append(path)
+    return splits
+
+
+def select_splits(dataset: DatasetDict, script_args: PalScriptArguments, user_column: str, unknown_users: str):
+    """
+    The splits of the run, renamed to their roles (`SPLIT_ROLES`): train (required), validation and test (optional),
+    unseen_train and unseen_test (optional, together). Each role takes the split named by its `--dataset_*_split`
+    argument, else the split named after the role when the dataset has one. A named split that does not exist, a missing
+    user or response column, one unseen-user split without the other, or evaluation users the model will not know are
+    errors that name what the dataset has.
+    """
+    available = list(dataset)
+    chosen = {}
+    for role in SPLIT_ROLES:
+        requested = getattr(script_args, f"dataset_{role}_split")
+        if requested is None:
+            if role in available:
+                chosen[role] = role
+            continue
+        if requested not in available:
+            raise ValueError(
+                f"The dataset {script_args.dataset_name!r} has no split {requested!r} (`--dataset_{role}_split`); its "
+                f"splits are {available}. Name one of them with `--dataset_{role}_split`."
+            )
+        chosen[role] = requested
+    if ("unseen_train" in chosen) != ("unseen_test" in chosen):
+        have, lack = ("unseen_train", "unseen_test") if "unseen_train" in chosen else ("unseen_test", "unseen_train")
+        raise ValueError(
+            f"Unseen users need two splits, few-shot comparisons to fit them and test comparisons to evaluate them; "
+            f"the run has {have} ({chosen[have]!r}) but no {lack}. Name it with `--dataset_{lack}_split` (splits: "
+            f"{available}), or drop the unseen-user splits."
+        )
+    splits = DatasetDict({role: dataset[split] for role, split in chosen.items()})
+    for role, split in splits.items():
+        columns = split.column_names
+        if user_column not in columns:
+            raise ValueError(
+                f"Split {chosen[role]!r} of {script_args.dataset_name!r} has no user column {user_column!r} "
+                f"(columns: {columns}). Name the column that says which user made each comparison with `--user_column`."
+            )
+        if not ({"chosen", "rejected"} <= set(columns) or {"chosen_features", "rejected_features"} <= set(columns)):
+            raise ValueError(
+                f"Split {chosen[role]!r} of {script_args.dataset_name!r} has no `chosen` and `rejected` columns "
+                f"(columns: {columns}). PAL trains on TRL preference data: `prompt` (optional), `chosen`, `rejected` "
+                "and a user column; rename the columns first."
+            )
+    if unknown_users == "error":
+        known = set(splits["train"][user_column])
+        for role in ("validation", "test", "unseen_test"):
+            if role not in splits:
+                continue
+            if role == "unseen_test":
+                known = known | set(splits["unseen_train"][user_column])
+            unknown = sorted(set(splits[role][user_column]) - known)
+            if unknown:
+                where = "the unseen_train split" if role == "unseen_test" else "the train split"
+                raise ValueError(
+                    f"Split {chosen[role]!r} ({role}) has {len(unknown)} users with no comparison in {where} (e.g. "
+                    f"{unknown[:3]}): the model cannot score users it has not fitted. Put their few-shot comparisons "
+                    "in the unseen-user splits, or pass `--unknown_users population` to score them with the "
+                    "population mixture."
+                )
+    logger.info("Splits: " + ", ".join(f"{role} = {split!r}" for role, split in chosen.items()))
+    return splits
+
+
+def evaluation_split(dataset: DatasetDict) -> str | None:
+    """The split that seen-user accuracy is reported on: test, else validation (logged), else none (logged)."""
+    if "test" in dataset:
+        return "test"
+    if "validation" in dataset:
+        logger.warning(
+            "The dataset has no test split: seen-user accuracy is reported on the validation split, which also "
+            "served for evaluation during training (an optimistic figure). Add a test split for an unbiased one."
+        )
+        return "validation"
+    logger.warning("The dataset has neither a validation nor a test split: no held-out seen-user accuracy.")
+    return None
+
+
+def without_evaluation_during_training(training_args: PalRewardConfig, dataset: DatasetDict) -> PalRewardConfig:
+    """The training arguments, with evaluation during training turned off (and said so) when there is no validation
+    split; an error if `load_best_model_at_end` needs it."""
+    if "validation" in dataset or training_args.eval_strategy == "no":
+        return training_args
+    if training_args.load_best_model_at_end:
+        raise ValueError(
+            "`load_best_model_at_end` selects a checkpoint on the validation split, but the dataset has none. Add a "
+            "validation split (`--dataset_validation_split`); the test split is never used for selection."
+        )
+    logger.warning(
+        f"The dataset has no validation split: `eval_strategy={training_args.eval_strategy.value!r}` is turned off "
+        "(the test split is never evaluated during training)."
+    )
+    return dataclasses.replace(training_args, eval_strategy="no")
+
+
+def model_card_dataset_name(script_args: PalScriptArguments) -> str:
+    """What the model card says the model was trained on: the loader or Hub id, never a local path."""
+    name = script_args.dataset_name
+    if name in BUILTIN_DATASETS or not any(os.path.exists(path.strip()) for path in name.split(",")):
+        return name
+    return "local data (" + ", ".join(os.path.basename(path.strip().rstrip(os.sep)) for path in name.split(",")) + ")"
 
 
 def _accuracy(metrics: dict, prefix: str) -> float:
     return metrics[f"{prefix}_accuracy"]
 
 
-def run_experiment(trainer: PalRewardTrainer, dataset, script_args) -> dict[str, float]:
-    """Trains, adapts unseen users, evaluates; returns seen/unseen accuracies."""
+def run_experiment(
+    trainer: PalRewardTrainer, dataset, script_args, save_before_adaptation: str | None = None
+) -> dict[str, float]:
+    """Trains, adapts unseen users, evaluates; returns seen/unseen accuracies (and the split of the seen ones). With
+    `save_before_adaptation`, the trained model is saved there before the unseen users are fitted."""
     trainer.train()
-    results = {"seen_accuracy": _accuracy(trainer.evaluate(dataset["test"], metric_key_prefix="test"), "test")}
-    results["seen_user_accuracy_mean"] = _mean(trainer.per_user_accuracy["test"])
+    results = {}
+    split = evaluation_split(dataset)
+    if split is not None:
+        results["seen_accuracy"] = _accuracy(trainer.evaluate(dataset[split], metric_key_prefix=split), split)
+        results["seen_user_accuracy_mean"] = _mean(trainer.per_user_accuracy[split])
+        results["seen_accuracy_split"] = split
     if script_args.adapt_unseen_users and "unseen_train" in dataset:
+        if save_before_adaptation is not None:  # a failure while adapting never loses the trained model
+            trainer.save_model(save_before_adaptation)
         if trainer._pal_model.config.num_prototypes > 1:
             trainer.adapt_users(dataset["unseen_train"])
         metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
@@ -124,7 +388,10 @@ def run_sanity_checks(trainer: PalRewardTrainer, tokenizer, dataset) -> dict[str
     """`pal_rm.sanity`'s two checks: seen users swapped on the test split, label flips on the unseen users' shots."""
     from pal_rm.sanity import label_flip_check, user_swap_check
 
-    checks = {"user_swap": user_swap_check(trainer.model, tokenizer, dataset["test"], trainer.args.user_column)}
+    checks = {}
+    split = "test" if "test" in dataset else "validation" if "validation" in dataset else None
+    if split is not None:
+        checks["user_swap"] = user_swap_check(trainer.model, tokenizer, dataset[split], trainer.args.user_column)
     if "unseen_train" in dataset and trainer.model.config.num_prototypes > 1:
         checks["label_flip"] = label_flip_check(trainer, dataset["unseen_train"])
     return checks
@@ -155,7 +422,10 @@ def _mean(values: dict) -> float:
 def main(script_args: PalScriptArguments, model_args: PalModelArguments, training_args: PalRewardConfig):
     start = time.time()
     set_seed(training_args.seed)
-    dataset = load_preference_dataset(script_args)
+    dataset = select_splits(
+        load_preference_dataset(script_args), script_args, training_args.user_column, training_args.unknown_users
+    )
+    training_args = without_evaluation_during_training(training_args, dataset)
     backbone_path = resolve_model_path(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(backbone_path)
     head_kwargs = {
@@ -178,14 +448,14 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
             model,
             args,
             train_dataset=dataset["train"],
-            eval_dataset=dataset["validation"],
+            eval_dataset=dataset.get("validation"),
             processing_class=tokenizer,
             embedding_cache=embedding_cache,
         )
 
     trainer = make_trainer(model, training_args)
     name = f"PAL-{model_args.variant.upper()} (K={model_args.num_prototypes})"
-    table = {name: run_experiment(trainer, dataset, script_args)}
+    table = {name: run_experiment(trainer, dataset, script_args, save_before_adaptation=training_args.output_dir)}
     trainer.save_model(training_args.output_dir)
     sanity = run_sanity_checks(trainer, tokenizer, dataset) if script_args.sanity_checks else {}
 
@@ -209,12 +479,14 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         table["Bradley-Terry (one reward for everyone)"] = run_experiment(baseline_trainer, dataset, script_args)
 
     if trainer.accelerator.is_main_process:
-        trainer.create_model_card(dataset_name=script_args.dataset_name, eval_results=next(iter(table.values())))
+        trainer.create_model_card(
+            dataset_name=model_card_dataset_name(script_args), eval_results=next(iter(table.values()))
+        )
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as file:
             json.dump(
                 {"results": table, "sanity_checks": sanity, "wall_time_seconds": time.time() - start}, file, indent=2
             )
-        print_table(table, dataset)
+        print_table(table, dataset, training_args.user_column)
         print_sanity_checks(sanity)
         output_dir = os.path.abspath(training_args.output_dir)
         print(f"\nSaved to {output_dir} in {time.time() - start:.0f} s. Load it back with:\n")
@@ -223,21 +495,29 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
             f"    model = AutoModel.from_pretrained({output_dir!r}); tokenizer = AutoTokenizer.from_pretrained({output_dir!r})"
         )
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+        trainer.push_to_hub(dataset_name=model_card_dataset_name(script_args))
 
 
-def print_table(table: dict[str, dict[str, float]], dataset) -> None:
-    print(
-        f"\nSeen users: {len(set(dataset['train']['user_id']))} ({len(dataset['train'])} train / "
-        f"{len(dataset['test'])} test comparisons); unseen users: {len(set(dataset['unseen_test']['user_id']))} "
-        f"({len(dataset['unseen_train'])} few-shot / {len(dataset['unseen_test'])} test comparisons)\n"
-    )
+def print_table(table: dict[str, dict[str, float]], dataset, user_column: str = "user_id") -> None:
+    train = dataset["train"]
+    line = f"\nSeen users: {len(set(train[user_column]))} ({len(train)} train"
+    line += "".join(f" / {len(dataset[split])} {split}" for split in ("validation", "test") if split in dataset)
+    line += " comparisons)"
+    if "unseen_test" in dataset:
+        line += (
+            f"; unseen users: {len(set(dataset['unseen_test'][user_column]))} ({len(dataset['unseen_train'])} "
+            f"few-shot / {len(dataset['unseen_test'])} test comparisons)"
+        )
+    print(line + "\n")
+    split = next((row["seen_accuracy_split"] for row in table.values() if "seen_accuracy_split" in row), None)
+    seen_header = "seen-user accuracy" + (f" ({split})" if split not in (None, "test") else "")
     name_width = max(len(name) for name in table) + 2
-    print(f"{'model':<{name_width}}{'seen-user accuracy':>20}{'unseen-user accuracy':>22}")
+    print(f"{'model':<{name_width}}{seen_header:>{len(seen_header) + 2}}{'unseen-user accuracy':>22}")
     for name, results in table.items():
-        unseen = results.get("unseen_accuracy")
+        seen, unseen = results.get("seen_accuracy"), results.get("unseen_accuracy")
+        seen = f"{seen:.3f}" if seen is not None else "-"
         unseen = f"{unseen:.3f}" if unseen is not None else "-"
-        print(f"{name:<{name_width}}{results['seen_accuracy']:>20.3f}{unseen:>22}")
+        print(f"{name:<{name_width}}{seen:>{len(seen_header) + 2}}{unseen:>22}")
 
 
 def make_parser(subparsers=None) -> TrlParser:

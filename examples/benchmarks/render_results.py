@@ -172,7 +172,40 @@ def render_speed(result, results_dir) -> str:
         f"{scoring['pal_b_over_backbone']:.3f} (PAL-B also encodes the prompt)\n"
         f"- {users['registered_users']:,} registered users: RSS {users['rss_before_mb']:.0f} MB -> "
         f"{users['rss_after_mb']:.0f} MB, registered in {users['register_seconds']:.1f} s, one lookup "
-        f"{users['lookup_seconds'] * 1e3:.2f} ms\n\n{targets}\n" + _image("speed", results_dir)
+        f"{users['lookup_seconds'] * 1e3:.2f} ms\n\n{targets}\n"
+        + _image("speed", results_dir)
+        + _render_many_users(result)
+    )
+
+
+def _render_many_users(result) -> str:
+    """The speed benchmark's `many_users` part, when it has run."""
+    scale = result.get("many_users")
+    if scale is None:
+        return ""
+    measured = scale.get("measured", {"command": result["command"], "machine": result["machine"]})
+    machine = measured["machine"]
+    few, many, dense = scale["few_users"], scale["many_users"], scale["many_users_dense"]
+    rows = [
+        [
+            f"{table['users']:,}",
+            "per batch (sparse)" if table["sparse"] else "dense",
+            f"{table['setup_seconds']:.1f} s",
+            f"{table['step_seconds_median'] * 1e3:.1f} ms",
+        ]
+        for table in (few, many, dense)
+    ]
+    return (
+        f"\n#### {many['users']:,} users x {scale['comparisons']:,} comparisons (random features, no backbone)\n\n"
+        f"`{measured['command']}` on {machine['cpu']}, {machine['cpu_count']} cores, torch {machine['torch']}, "
+        f"{scale['torch_threads']} thread; PAL-B (K = 4) on {scale['feature_dim']}-dimensional pooled features, batch 64; "
+        "the trainers take turns, medians over every step.\n\n"
+        + table(["users", "user-table updates", "trainer set-up", "median training step"], rows)
+        + f"\n\n- step time with {many['users']:,} users / {few['users']:,} users: "
+        f"**{scale['step_ratio_many_over_few']:.2f}x** (dense user-table updates: "
+        f"{scale['step_ratio_dense_over_few']:.2f}x)\n"
+        f"- per-user evaluation of {many['evaluated_users']:,} users on {scale['comparisons']:,} comparisons: "
+        f"{many['evaluate_seconds']:.1f} s; peak RSS of the whole part {scale['peak_rss_mb']:.0f} MB\n"
     )
 
 

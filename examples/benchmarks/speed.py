@@ -9,11 +9,16 @@ Speed benchmark on the persona data (standard setting) with the packaged all-Min
 3. Reward-scoring throughput of `PalRewardModel` (PAL-A, and PAL-B which also encodes the prompt) against the bare
    backbone forward on the same batches, measured alternately in one process; the ratio.
 4. Peak RSS with 1,000,000 registered users, and the time to register them and to look one up.
+5. A million users (`many_users`): `PalRewardTrainer` on 1,000,000 users x 1,000,000 comparisons of random pooled
+   features (a backbone-free `PalConfig(feature_dim=...)`), against a 100-user table on as many comparisons: trainer
+   set-up time, the median time of a training step (the trainers take turns, so load on the machine hits both alike),
+   the same with dense user-table updates (`user_table_update="dense"`), and a per-user evaluation of the million users.
 
 Every part runs in its own subprocess, so peak memory figures do not mix.
 
 ```bash
-python examples/benchmarks/speed.py            # ~10 minutes on 2 cores
+python examples/benchmarks/speed.py            # ~25 minutes on 2 cores
+python examples/benchmarks/speed.py --parts many_users   # one part; updates that part of an existing speed.json
 python examples/benchmarks/speed.py --smoke --data_dir tests/fixtures/persona
 ```
 
@@ -35,16 +40,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, write_json  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup, set_seed  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoTokenizer,
+    TrainerCallback,
+    get_linear_schedule_with_warmup,
+    set_seed,
+)
 
-from pal_rm import PalRewardModel  # noqa: E402
+from pal_rm import PalConfig, PalRewardModel  # noqa: E402
 from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
 from pal_rm.metrics import personalized_preference_metrics  # noqa: E402
 from pal_rm.modeling_pal import format_preference_texts  # noqa: E402
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer  # noqa: E402
 from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
 
-PARTS = ("cached", "naive", "scoring", "users")
+PARTS = ("cached", "naive", "scoring", "users", "many_users")
 
 
 def peak_rss_mb() -> float:
@@ -267,6 +278,106 @@ def part_users(args, tokenizer) -> dict:
     }
 
 
+class StepTimer(TrainerCallback):
+    """Wall time between consecutive optimizer steps (everything a step does: data, forward, backward, update)."""
+
+    def __init__(self):
+        self.durations: list[float] = []
+        self._last: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.durations.append(now - self._last)
+        self._last = now
+
+
+def random_feature_preferences(num_users: int, num_comparisons: int, feature_dim: int, seed: int):
+    """Random pooled features for PAL-B; user `i % num_users` (shuffled) makes comparison i."""
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    users = np.arange(num_comparisons) % num_users
+    rng.shuffle(users)
+    width = len(str(num_users))
+    columns = {"user_id": [f"user-{user:0{width}d}" for user in users]}
+    for name in ("prompt_features", "chosen_features", "rejected_features"):
+        columns[name] = rng.standard_normal((num_comparisons, feature_dim), dtype=np.float32)
+    return Dataset.from_dict(columns)
+
+
+def part_many_users(args, tokenizer) -> dict:
+    """Set-up, step time and per-user evaluation with a million users (random features, no backbone)."""
+    from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+
+    # One thread: the steps are small tensor operations, where a second thread adds synchronisation and exposes the
+    # figures to the load of other processes.
+    torch.set_num_threads(1)
+    feature_dim = 16
+    tables = {"few_users": (args.few_users, "auto"), "many_users": (args.many_users, "auto")}
+    tables["many_users_dense"] = (args.many_users, "dense")
+    datasets, trainers, timers = {}, {}, {}
+    result = {"comparisons": args.many_users_comparisons, "feature_dim": feature_dim, "torch_threads": 1}
+    for name, (num_users, update) in tables.items():
+        if num_users not in datasets:
+            start = time.perf_counter()
+            datasets[num_users] = random_feature_preferences(
+                num_users, args.many_users_comparisons, feature_dim, args.seed
+            )
+            result[f"dataset_{num_users}_users_seconds"] = time.perf_counter() - start
+        set_seed(args.seed)
+        model = PalRewardModel(PalConfig(feature_dim=feature_dim, variant="b", num_prototypes=4, preference_dim=16))
+        config = PalRewardConfig(
+            output_dir=os.path.join(tempfile.gettempdir(), f"pal-speed-{name}"),
+            max_steps=args.many_users_steps,
+            per_device_train_batch_size=64,
+            per_device_eval_batch_size=8192,
+            lr_scheduler_type="constant",
+            logging_steps=50,
+            use_cpu=True,
+            disable_tqdm=True,
+            user_table_update=update,
+            seed=args.seed,
+        )
+        start = time.perf_counter()
+        trainers[name] = PalRewardTrainer(model, config, train_dataset=datasets[num_users])
+        result[name] = {
+            "users": model.num_users,
+            "user_table_update": update,
+            "setup_seconds": time.perf_counter() - start,
+        }
+        timers[name] = StepTimer()
+        trainers[name].add_callback(timers[name])
+        trainers[name].remove_callback(__import__("transformers").PrinterCallback)
+    for _ in range(args.many_users_rounds):  # the trainers take turns
+        for trainer in trainers.values():
+            trainer.train()
+    for name, timer in timers.items():
+        # Per-batch updates keep their Adam state under these keys of the optimizer state of the table.
+        table = trainers[name].model.user_weights.weight
+        result[name]["sparse"] = "user_rows_step" in trainers[name].optimizer.state[table]
+        result[name]["step_seconds_median"] = statistics.median(timer.durations)
+        result[name]["steps_timed"] = len(timer.durations)
+    many, few = result["many_users"], result["few_users"]
+    result["step_ratio_many_over_few"] = many["step_seconds_median"] / few["step_seconds_median"]
+    result["step_ratio_dense_over_few"] = (
+        result["many_users_dense"]["step_seconds_median"] / few["step_seconds_median"]
+    )
+
+    trainer = trainers["many_users"]
+    start = time.perf_counter()
+    metrics = trainer.evaluate(trainer.train_dataset)  # already processed: the forward passes and per-user accuracy
+    many["evaluate_seconds"] = time.perf_counter() - start
+    many["evaluated_users"] = len(trainer.per_user_accuracy["eval"])
+    many["evaluate_accuracy"] = metrics["eval_accuracy"]
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
 def run_part(part: str, args) -> dict:
     """Runs one part in a fresh interpreter and returns its figures."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
@@ -304,8 +415,20 @@ def main(argv=None):
     parser.add_argument("--registered_users", type=int, default=1_000_000)
     parser.add_argument("--scoring_batch", type=int, default=64)
     parser.add_argument("--scoring_rounds", type=int, default=20)
+    parser.add_argument("--few_users", type=int, default=100, help="many_users: the small table.")
+    parser.add_argument("--many_users", type=int, default=1_000_000, help="many_users: the large table.")
+    parser.add_argument("--many_users_comparisons", type=int, default=1_000_000)
+    parser.add_argument("--many_users_steps", type=int, default=100, help="many_users: steps per turn.")
+    parser.add_argument("--many_users_rounds", type=int, default=3, help="many_users: turns of each trainer.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default=OUTPUT_DIR)
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="Parts to run; with fewer than all, the other parts of an existing speed.json are kept.",
+    )
     parser.add_argument("--smoke", action="store_true", help="A tiny run (seconds).")
     parser.add_argument("--part", choices=PARTS, help=argparse.SUPPRESS)
     parser.add_argument("--part_output", help=argparse.SUPPRESS)
@@ -313,6 +436,8 @@ def main(argv=None):
     if args.smoke:
         args.epochs, args.new_users, args.registered_users = 1, 20, 10_000
         args.scoring_batch, args.scoring_rounds = 8, 2
+        args.few_users, args.many_users, args.many_users_comparisons = 10, 2_000, 4_000
+        args.many_users_steps, args.many_users_rounds = 4, 1
 
     if args.part:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
@@ -321,29 +446,59 @@ def main(argv=None):
             json.dump(result, file)
         return
 
-    args.forward = list(argv if argv is not None else sys.argv[1:])
+    args.forward = [a for a in (argv if argv is not None else sys.argv[1:])]
     start = time.perf_counter()
-    results = {
-        "machine": machine(),
-        "command": "python examples/benchmarks/speed.py" + (" --smoke" if args.smoke else ""),
-    }
-    results["config"] = {
-        k: v for k, v in vars(args).items() if k not in ("forward", "part", "part_output", "output_dir")
-    }
-    # Each part in a fresh interpreter so that peak RSS figures do not mix; the smoke run stays in-process (speed).
-    results["parts_in_own_process"] = not args.smoke
+    command = "python examples/benchmarks/speed.py" + (" --smoke" if args.smoke else "")
+    partial = set(args.parts) != set(PARTS)
+    previous_path = os.path.join(args.output_dir, "speed.json")
+    results = {}
+    if partial and os.path.exists(previous_path):  # keep the other parts' figures
+        with open(previous_path) as file:
+            results = json.load(file)
+    if not partial:
+        results = {"machine": machine(), "command": command}
+        results["config"] = {
+            k: v for k, v in vars(args).items() if k not in ("forward", "part", "part_output", "output_dir", "parts")
+        }
+        # Each part in a fresh interpreter so that peak RSS figures do not mix; the smoke run stays in-process.
+        results["parts_in_own_process"] = not args.smoke
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM)) if args.smoke else None
-    for part in PARTS:
+    for part in [part for part in PARTS if part in args.parts]:
+        part_start = time.perf_counter()
         results[part] = globals()[f"part_{part}"](args, tokenizer) if args.smoke else run_part(part, args)
-    cached, naive, scoring, users = (results[p] for p in PARTS)
+        if partial:  # where and how this part was measured, apart from the rest of the file
+            results[part]["measured"] = {
+                "machine": machine(),
+                "command": f"{command} --parts {part}",
+                "wall_time_seconds": time.perf_counter() - part_start,
+            }
+    results.setdefault("targets", {})
+    if all(part in results for part in ("cached", "naive", "scoring", "users")):
+        print_persona_parts(results, args)
+    if "many_users" in results:
+        print_many_users(results)
+    if not partial:
+        results["wall_time_seconds"] = time.perf_counter() - start
+    for target, met in results["targets"].items():
+        print(f"- {target}: {'met' if met else 'MISSED'}")
+    path = write_json("speed", results, args.output_dir)
+    if all(part in results for part in ("cached", "naive", "scoring")):
+        plot(results, os.path.join(args.output_dir, "speed.png"))
+    print(f"Wrote {path} ({time.perf_counter() - start:.0f} s).")
+
+
+def print_persona_parts(results: dict, args) -> None:
+    cached, naive, scoring, users = (results[p] for p in ("cached", "naive", "scoring", "users"))
     results["training_speedup"] = naive["seconds"] / cached["seconds"]
-    results["targets"] = {
-        "cached training >= 10x faster than the naive loop": results["training_speedup"] >= 10,
-        "accuracy within 2 points of the naive loop": abs(cached["test_accuracy"] - naive["test_accuracy"]) <= 0.02,
-        f"{cached['adapt']['users']} new users fitted in under 5 s": cached["adapt"]["fit_seconds"] < 5,
-        "PAL-A scoring adds under 5% to the backbone forward": scoring["pal_a_over_backbone"] < 1.05,
-    }
-    results["wall_time_seconds"] = time.perf_counter() - start
+    results["targets"].update(
+        {
+            "cached training >= 10x faster than the naive loop": results["training_speedup"] >= 10,
+            "accuracy within 2 points of the naive loop": abs(cached["test_accuracy"] - naive["test_accuracy"])
+            <= 0.02,
+            f"{cached['adapt']['users']} new users fitted in under 5 s": cached["adapt"]["fit_seconds"] < 5,
+            "PAL-A scoring adds under 5% to the backbone forward": scoring["pal_a_over_backbone"] < 1.05,
+        }
+    )
     rows = [
         [
             "training, embedding cache",
@@ -361,7 +516,9 @@ def main(argv=None):
     print("\n## Speed\n")
     print(markdown_table(["run", "wall time", "peak RSS", "test accuracy"], rows))
     adapt = cached["adapt"]
-    print(f"\nTraining speed-up of the cache: {results['training_speedup']:.1f}x ({args.epochs} epochs)")
+    print(
+        f"\nTraining speed-up of the cache: {results['training_speedup']:.1f}x ({results['config']['epochs']} epochs)"
+    )
     print(
         f"Adapting {adapt['users']} new users ({adapt['comparisons']} comparisons): fit {adapt['fit_seconds']:.2f} s "
         f"(+ {adapt['encode_new_texts_seconds']:.1f} s encoding their new texts)"
@@ -376,11 +533,37 @@ def main(argv=None):
         f"{users['rss_after_mb']:.0f} MB (peak {users['peak_rss_mb']:.0f} MB), registered in "
         f"{users['register_seconds']:.1f} s, lookup {users['lookup_seconds'] * 1e3:.2f} ms"
     )
-    for target, met in results["targets"].items():
-        print(f"- {target}: {'met' if met else 'MISSED'}")
-    path = write_json("speed", results, args.output_dir)
-    plot(results, os.path.join(args.output_dir, "speed.png"))
-    print(f"Wrote {path} and speed.png ({results['wall_time_seconds']:.0f} s).")
+
+
+def print_many_users(results: dict) -> None:
+    scale = results["many_users"]
+    many, few, dense = scale["many_users"], scale["few_users"], scale["many_users_dense"]
+    results["targets"].update(
+        {
+            f"{many['users']:,} users x {scale['comparisons']:,} comparisons: set-up under 30 s": many["setup_seconds"]
+            < 30,
+            f"steps with {many['users']:,} users within 2x of {few['users']:,} users": scale[
+                "step_ratio_many_over_few"
+            ]
+            <= 2,
+        }
+    )
+    rows = [
+        [
+            f"{table['users']:,} users ({table['user_table_update']}: {'sparse' if table['sparse'] else 'dense'})",
+            f"{table['setup_seconds']:.1f} s",
+            f"{table['step_seconds_median'] * 1e3:.1f} ms",
+        ]
+        for table in (few, many, dense)
+    ]
+    print(f"\n## {many['users']:,} users x {scale['comparisons']:,} comparisons (random features)\n")
+    print(markdown_table(["user table", "trainer set-up", "median step"], rows))
+    print(
+        f"\nStep time {many['users']:,} / {few['users']:,} users: {scale['step_ratio_many_over_few']:.2f}x (dense "
+        f"user-table updates: {scale['step_ratio_dense_over_few']:.2f}x); per-user evaluation of "
+        f"{many['evaluated_users']:,} users on {scale['comparisons']:,} comparisons: {many['evaluate_seconds']:.1f} s; "
+        f"peak RSS {scale['peak_rss_mb']:.0f} MB"
+    )
 
 
 if __name__ == "__main__":
