@@ -850,7 +850,11 @@ class PalRewardTrainer(RewardTrainer):
             model.user_weights.weight[first_row : first_row + len(new_users)] = logits.detach().to(
                 model.user_weights.weight.dtype
             )
-            accuracy = (difference > 0).float().mean().item() if difference.numel() else float("nan")
+            accuracy = (
+                personalized_preference_metrics(difference.cpu().numpy())["accuracy"]
+                if difference.numel()
+                else float("nan")
+            )
         logger.info(
             f"Adapted {len(new_users)} new users on {local.numel()} comparisons (train accuracy {accuracy:.3f})."
         )

@@ -370,8 +370,9 @@ def run_experiment(
     results = {}
     split = evaluation_split(dataset)
     if split is not None:
-        results["seen_accuracy"] = _accuracy(trainer.evaluate(dataset[split], metric_key_prefix=split), split)
-        results["seen_user_accuracy_mean"] = _mean(trainer.per_user_accuracy[split])
+        metrics = trainer.evaluate(dataset[split], metric_key_prefix=split)
+        results["seen_accuracy"] = _accuracy(metrics, split)
+        results["seen_user_accuracy_mean"] = metrics[f"{split}_user_accuracy_mean"]
         results["seen_accuracy_split"] = split
     if script_args.adapt_unseen_users and "unseen_train" in dataset:
         if save_before_adaptation is not None:  # a failure while adapting never loses the trained model
@@ -380,7 +381,7 @@ def run_experiment(
             trainer.adapt_users(dataset["unseen_train"])
         metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
         results["unseen_accuracy"] = _accuracy(metrics, "unseen_test")
-        results["unseen_user_accuracy_mean"] = _mean(trainer.per_user_accuracy["unseen_test"])
+        results["unseen_user_accuracy_mean"] = metrics["unseen_test_user_accuracy_mean"]
     return results
 
 
@@ -413,10 +414,6 @@ def print_sanity_checks(checks: dict[str, dict]) -> None:
             f"{flip['flipped_predictions']:.0%} of their predictions, mixture shift {flip['mixture_shift']:.2f} "
             f"({verdict})."
         )
-
-
-def _mean(values: dict) -> float:
-    return sum(values.values()) / max(len(values), 1)
 
 
 def main(script_args: PalScriptArguments, model_args: PalModelArguments, training_args: PalRewardConfig):
