@@ -20,6 +20,11 @@ class PalRewardConfig(RewardConfig):
             Folder where the frozen-backbone features are kept between runs. `None`: in memory only.
         encode_batch_size (`int`, *optional*, defaults to `64`):
             Batch size of the backbone when texts are encoded for the cache.
+        feature_dtype (`str`, *optional*, defaults to `"float32"`):
+            Storage precision of the frozen-backbone feature table (held once per process, and in
+            `embedding_cache_dir`): `"float32"`, or `"float16"` / `"bfloat16"` for half the memory. Features are
+            computed in float32, stored once in this dtype and given to the heads as float32; a feature that overflows
+            `float16` is an error.
         backbone_learning_rate, head_learning_rate, prototype_learning_rate, user_learning_rate,
         logit_scale_learning_rate (`float`, *optional*):
             Learning rates of the parameter groups: the backbone, the item map `f` and PAL-B's prototype maps, PAL-A's
@@ -57,6 +62,10 @@ class PalRewardConfig(RewardConfig):
         default=None, metadata={"help": "Folder that keeps frozen-backbone features between runs."}
     )
     encode_batch_size: int = field(default=64, metadata={"help": "Backbone batch size when encoding texts."})
+    feature_dtype: str = field(
+        default="float32",
+        metadata={"help": "Storage dtype of the frozen-backbone feature table: float32, float16 or bfloat16."},
+    )
     backbone_learning_rate: float | None = field(
         default=1e-5, metadata={"help": "Learning rate of the backbone (when `train_backbone`)."}
     )
@@ -109,5 +118,9 @@ class PalRewardConfig(RewardConfig):
             raise ValueError(f"`loss_type` must be 'sigmoid' or 'hinge', got {self.loss_type!r}.")
         if self.unknown_users not in ("error", "population"):
             raise ValueError(f"`unknown_users` must be 'error' or 'population', got {self.unknown_users!r}.")
+        if self.feature_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"`feature_dtype` must be 'float32', 'float16' or 'bfloat16', got {self.feature_dtype!r}."
+            )
         if self.norm_bound is not None and self.norm_bound <= 0:
             raise ValueError(f"`norm_bound` must be positive, got {self.norm_bound!r}.")

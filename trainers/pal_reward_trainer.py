@@ -2,8 +2,8 @@
 """`PalRewardTrainer`: TRL's `RewardTrainer` for personalized PAL reward models."""
 
 import contextlib
+import re
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from trl import RewardTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
 
-from pal_rm.cache import EmbeddingCache
+from pal_rm.cache import EmbeddingCache, FeatureTable, resolve_feature_dtype, text_key
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
@@ -30,53 +30,14 @@ PROCESSED_FEATURE_COLUMNS = ("chosen_index", "rejected_index", "prompt_index", "
 PROCESSED_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids", "prompt_ids", "user_index")
 
 
-class FeatureTable:
-    """A growing table of pooled features; rows are addressed by the indices stored in the processed datasets."""
-
-    def __init__(self):
-        self._chunks: list[torch.Tensor] = []
-        self._rows: dict[str, int] = {}
-        self._size = 0
-        self._table: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, features: torch.Tensor, keys: Sequence[str] | None = None) -> list[int]:
-        """Appends rows (deduplicated by `keys` when given) and returns their indices."""
-        if keys is None:
-            start = self._size
-            self._chunks.append(features.float().cpu())
-            self._size += features.shape[0]
-            self._table = None
-            return list(range(start, self._size))
-        new = [i for i, key in enumerate(keys) if key not in self._rows]
-        if new:
-            for offset, i in enumerate(new):
-                self._rows[keys[i]] = self._size + offset
-            self._chunks.append(features[new].float().cpu())
-            self._size += len(new)
-            self._table = None
-        return [self._rows[key] for key in keys]
-
-    def missing(self, keys: Sequence[str]) -> list[str]:
-        return [key for key in dict.fromkeys(keys) if key not in self._rows]
-
-    @property
-    def table(self) -> torch.Tensor:
-        if self._table is None:
-            self._table = torch.cat(self._chunks) if self._chunks else torch.empty(0)
-            self._chunks = [self._table]
-        return self._table
-
-
 @dataclass
 class DataCollatorForPersonalizedPreference(DataCollatorMixin):
     """
     Collates processed personalized preference examples into one batch of `2 * num_pairs` sequences (chosen first,
     then rejected, as TRL's `DataCollatorForPreference`), with the user of each pair repeated for both halves.
 
-    Examples hold either cached-feature indices (`chosen_index`, `rejected_index`, `prompt_index` into `features`) or
+    Examples hold either cached-feature indices (`chosen_index`, `rejected_index`, `prompt_index` into `features`, a
+    [`~pal_rm.cache.FeatureTable`] whose rows are given as float32 whatever its storage dtype) or
     token ids (`chosen_ids`, `rejected_ids`, `prompt_ids`), plus `user_index` (a row of the user table, `-1` for the
     population) and optionally `margin`. Prompts stay one per pair; the model tiles them over the two halves.
 
@@ -111,7 +72,7 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
             rows = [example["chosen_index"] for example in examples] + [
                 example["rejected_index"] for example in examples
             ]
-            output["item_features"] = table[torch.tensor(rows)]
+            output["item_features"] = table[torch.tensor(rows)].float()
         else:
             sequences = [torch.tensor(example["chosen_ids"]) for example in examples]
             sequences += [torch.tensor(example["rejected_ids"]) for example in examples]
@@ -130,7 +91,8 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
         users = torch.tensor([example["user_index"] for example in examples], dtype=torch.long)
         output["user_ids"] = torch.cat([users, users])
         if first.get("prompt_index", -1) is not None and first.get("prompt_index", -1) >= 0:
-            output["prompt_features"] = self.features.table[torch.tensor([e["prompt_index"] for e in examples])]
+            prompt_rows = torch.tensor([example["prompt_index"] for example in examples])
+            output["prompt_features"] = self.features.table[prompt_rows].float()
         elif first.get("prompt_ids"):
             prompts = [torch.tensor(example["prompt_ids"]) for example in examples]
             output["prompt_input_ids"] = pad(prompts, padding_value=self.pad_token_id, padding_side="right")
@@ -231,8 +193,8 @@ class PalRewardTrainer(RewardTrainer):
             raise ValueError("`train_backbone=True` needs a model with a backbone; this one takes pooled features.")
 
         self._pal_model = model
-        self._feature_table = FeatureTable()
-        self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir)
+        self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir, dtype=args.feature_dtype)
+        self._feature_table = self._new_feature_table(model, processing_class, args)
         self.per_user_accuracy: dict[str, dict[str, float]] = {}
         self._current_eval_prefix = "eval"
         self._user_hits: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -241,15 +203,15 @@ class PalRewardTrainer(RewardTrainer):
         self.train_users = self._users_of(train_dataset, args, "train")
         model.add_users(self.train_users)
 
-        with args.main_process_first(desc="encoding texts"):
-            train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    name: self._prepare_dataset(dataset, processing_class, args, name)
-                    for name, dataset in eval_dataset.items()
-                }
-            elif eval_dataset is not None:
-                eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+        # Every process prepares the datasets at once: the texts to encode are split across processes and gathered.
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_dataset(dataset, processing_class, args, name)
+                for name, dataset in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
 
         if data_collator is None:
             data_collator = DataCollatorForPersonalizedPreference(
@@ -366,25 +328,11 @@ class PalRewardTrainer(RewardTrainer):
 
         if not args.train_backbone:
             texts = items_chosen + items_rejected + (prompts if use_prompts else [])
-            missing = self._feature_table.missing(texts)
-            if missing:
-                device = model.item_head.layers[-1].weight.device
-                model.to(args.device)
-                features = self.embedding_cache.encode(
-                    model,
-                    processing_class,
-                    missing,
-                    batch_size=args.encode_batch_size,
-                    max_length=args.max_length,
-                    show_progress=not args.disable_tqdm,
-                )
-                model.to(device)
-                self._feature_table.add(features, missing)
-            output["chosen_index"] = self._feature_table.add(torch.empty(0), items_chosen)
-            output["rejected_index"] = self._feature_table.add(torch.empty(0), items_rejected)
-            output["prompt_index"] = (
-                self._feature_table.add(torch.empty(0), prompts) if use_prompts else [-1] * len(prompts)
-            )
+            rows = self._encode_texts(texts, processing_class, args)
+            num_rows = len(items_chosen)
+            output["chosen_index"] = rows[:num_rows]
+            output["rejected_index"] = rows[num_rows : 2 * num_rows]
+            output["prompt_index"] = rows[2 * num_rows :] if use_prompts else [-1] * num_rows
             return Dataset.from_dict(output)
 
         max_length = args.max_length or default_max_length(processing_class, model.config)
@@ -395,6 +343,54 @@ class PalRewardTrainer(RewardTrainer):
             tokenize_texts(processing_class, prompts, framing, max_length) if use_prompts else [[] for _ in prompts]
         )
         return Dataset.from_dict(output)
+
+    def _new_feature_table(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureTable:
+        """
+        The table the collator reads features from. With a frozen backbone it is the embedding cache's table of that
+        backbone, so every feature is held once per process (and shared with any trainer given the same cache); with
+        a trained backbone or no backbone, a table of its own for pooled-feature columns.
+        """
+        if self.embedding_cache.dtype != resolve_feature_dtype(args.feature_dtype):
+            raise ValueError(
+                f"The embedding cache stores {self.embedding_cache.dtype} features but `feature_dtype` is "
+                f"{args.feature_dtype!r}. Build the cache with `EmbeddingCache(..., dtype=args.feature_dtype)`."
+            )
+        self._backbone_fingerprint = None
+        if model.backbone is not None and not args.train_backbone:
+            self._backbone_fingerprint = self.embedding_cache.fingerprint(model, processing_class, args.max_length)
+            return self.embedding_cache.feature_table(self._backbone_fingerprint)
+        return FeatureTable(args.feature_dtype)
+
+    def _encode_texts(self, texts: list[str], processing_class, args: PalRewardConfig) -> list[int]:
+        """
+        Rows of `texts` in the feature table, encoding with the frozen backbone the texts no row holds yet. Under
+        several processes every process calls this with the same texts: each unique text goes through the backbone in
+        one process only and the features are gathered, so every process holds the same table (see
+        [`~pal_rm.cache.EmbeddingCache.encode_rows`]).
+        """
+        model = self._pal_model
+        sharded = self._backbone_is_sharded()
+        move = not sharded and bool(self._feature_table.missing([text_key(text) for text in texts]))
+        device = model.item_head.layers[-1].weight.device
+        if move:
+            model.to(args.device)
+        try:
+            with self.full_pal_parameters():
+                _, rows = self.embedding_cache.encode_rows(
+                    model,
+                    processing_class,
+                    texts,
+                    batch_size=args.encode_batch_size,
+                    max_length=args.max_length,
+                    show_progress=not args.disable_tqdm,
+                    distributed=True,
+                    lockstep=sharded,
+                    fingerprint=self._backbone_fingerprint,
+                )
+        finally:
+            if move:
+                model.to(device)
+        return rows
 
     def _format_texts(self, dataset, processing_class, dataset_name) -> tuple[list[str], list[str], list[str]]:
         """`(prompts, chosen items, rejected items)` as the backbone reads them (`format_preference_texts`); raises on
@@ -505,7 +501,8 @@ class PalRewardTrainer(RewardTrainer):
                 users = inputs["user_ids"][: chosen.shape[0]]
                 self._user_hits.append((gather(users).cpu(), gather(correct).cpu()))
             else:
-                weights = self.accelerator.unwrap_model(model).user_mixture_weights()
+                with self.full_pal_parameters([self._pal_model.user_weights.weight]):
+                    weights = self._pal_model.user_mixture_weights()
                 entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean()
                 self._metrics[mode]["mixture_entropy"].append(entropy.item())
         return (loss, outputs) if return_outputs else loss
@@ -515,6 +512,9 @@ class PalRewardTrainer(RewardTrainer):
         metrics = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
             if self._user_hits:
+                # Every evaluated pair counted once, whatever the batch sizes and the number of processes (a mean of
+                # per-batch means weighs a short last batch, and the copies that even out processes' batches, wrongly).
+                metrics["accuracy"] = torch.cat([correct for _, correct in self._user_hits]).mean().item()
                 per_user = self._per_user_accuracy()
                 self._user_hits = []
                 values = list(per_user.values())
@@ -546,10 +546,95 @@ class PalRewardTrainer(RewardTrainer):
 
     def train(self, *args, **kwargs):
         """Trains, then sets the model's population mixture to the mean mixture of the training users."""
+        self._replicate_user_table()
         output = super().train(*args, **kwargs)
         model = self._pal_model
-        model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
+        with self.full_pal_parameters():
+            model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
         return output
+
+    # ------------------------------------------------------------------ several processes
+    @contextlib.contextmanager
+    def full_pal_parameters(self, parameters: list[torch.nn.Parameter] | None = None):
+        """
+        A context in which every process holds PAL's own parameters whole (the item map, prototypes, user table and
+        logit scale; or only `parameters`), whatever shards them: DeepSpeed ZeRO-3 partitions are gathered, and an
+        FSDP2-wrapped model unshards its root parameters (the backbone's FSDP2 units unshard in their own forward). PAL's
+        steps outside `forward` run inside it: the population refresh, [`adapt_users`], encoding new texts, the
+        `mixture_entropy` metric. It does nothing on one process, under DDP and under ZeRO-1/2. Enter it from every
+        process: gathering is collective. Re-entrant.
+        """
+        model = self._pal_model
+        depth = getattr(self, "_full_parameters_depth", 0)
+        accelerator = getattr(self, "accelerator", None)  # none yet while `__init__` prepares the datasets
+        if depth or accelerator is None or accelerator.num_processes == 1:
+            yield
+            return
+        self._full_parameters_depth = depth + 1
+        try:
+            if parameters is None:
+                parameters = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+            partitioned = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+            if partitioned:  # DeepSpeed ZeRO-3
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                    yield
+            elif _is_fsdp2_module(model):
+                model.unshard()
+                try:
+                    yield
+                finally:
+                    model.reshard()
+            else:
+                yield
+        finally:
+            self._full_parameters_depth = depth
+
+    def _backbone_is_sharded(self) -> bool:
+        """Whether the backbone's parameters are split across processes (FSDP2 `DTensor`s or ZeRO-3 partitions)."""
+        backbone = self._pal_model.backbone
+        if backbone is None:
+            return False
+        return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in backbone.parameters())
+
+    def _replicate_user_table(self) -> None:
+        """
+        Under FSDP2 the user table is kept whole on every process, in float32, rather than sharded: it is added to the
+        FSDP plugin's ignored modules (so `fully_shard` neither shards nor casts it) and its gradient is averaged across
+        processes by a hook, as FSDP does for the parameters it manages. Rows can then be read and added after
+        training without any collective. ZeRO-3 and a hand-sharded table are handled by [`full_pal_parameters`].
+        """
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if not self.is_fsdp_enabled or plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+            return
+        model = self._pal_model
+        table = model.user_weights
+        weight = table.weight
+        if getattr(weight, "_pal_replicated", False) or hasattr(weight, "full_tensor"):
+            return
+        ignored = plugin.ignored_modules
+        if ignored is None:
+            plugin.ignored_modules = [table]
+        elif isinstance(ignored, str):  # a regular expression over module names, as accelerate reads it
+            plugin.ignored_modules = [m for name, m in model.named_modules() if re.fullmatch(ignored, name)] + [table]
+        else:
+            plugin.ignored_modules = [*ignored, table]
+        table.to(self.accelerator.device)
+        weight = table.weight
+        weight.register_hook(average_across_processes)
+        weight._pal_replicated = True
+        logger.info("FSDP2: the user table is replicated on every process (ignored by `fully_shard`), not sharded.")
+
+    def _broadcast_user_rows(self, first_row: int, num_rows: int) -> None:
+        """Copies rows of the user table from the main process to every other one, so all end bit-identical."""
+        if self.accelerator.num_processes == 1:
+            return
+        weight = self._pal_model.user_weights.weight
+        with torch.no_grad():
+            rows = weight[first_row : first_row + num_rows].detach().clone().contiguous()
+            torch.distributed.broadcast(rows, src=0)
+            weight[first_row : first_row + num_rows] = rows
 
     def create_model_card(
         self,
@@ -649,8 +734,10 @@ class PalRewardTrainer(RewardTrainer):
         num_users_before = model.num_users
         was_training = model.training
         try:
-            rows = model.add_users(new_users)
-            result = self._fit_new_users(dataset, new_users, rows, steps, learning_rate, prior_strength)
+            with self.full_pal_parameters():
+                rows = model.add_users(new_users)
+                result = self._fit_new_users(dataset, new_users, rows, steps, learning_rate, prior_strength)
+                self._broadcast_user_rows(rows[0], len(new_users))
         except BaseException:
             model.truncate_users(num_users_before)  # all-or-nothing: no half-fitted user stays registered
             raise
@@ -687,9 +774,9 @@ class PalRewardTrainer(RewardTrainer):
             keep = (users >= first_row).nonzero().flatten()
             table = self._feature_table.table
             features = {
-                "chosen": table[_column_tensor(processed, "chosen_index", torch.long)[keep]],
-                "rejected": table[_column_tensor(processed, "rejected_index", torch.long)[keep]],
-                "prompt": table[_column_tensor(processed, "prompt_index", torch.long)[keep]]
+                "chosen": table[_column_tensor(processed, "chosen_index", torch.long)[keep]].float(),
+                "rejected": table[_column_tensor(processed, "rejected_index", torch.long)[keep]].float(),
+                "prompt": table[_column_tensor(processed, "prompt_index", torch.long)[keep]].float()
                 if model.config.variant == "b"
                 else None,
                 "users": users[keep],
@@ -774,6 +861,22 @@ class PalRewardTrainer(RewardTrainer):
                 "finite. Lower the learning rates, check the data for extreme values, or turn off mixed precision."
             )
         return loss
+
+
+def average_across_processes(gradient: torch.Tensor) -> torch.Tensor:
+    """The mean of `gradient` over all processes (a gradient hook for a parameter that FSDP leaves replicated)."""
+    gradient = gradient.clone()
+    torch.distributed.all_reduce(gradient)
+    return gradient / torch.distributed.get_world_size()
+
+
+def _is_fsdp2_module(model: torch.nn.Module) -> bool:
+    """Whether `fully_shard` (FSDP2) wrapped `model` itself."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _check_finite(values: torch.Tensor, column: str, dataset_name: str) -> torch.Tensor:
