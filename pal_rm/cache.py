@@ -238,19 +238,29 @@ class EmbeddingCache:
         return table
 
     def _save(self, fingerprint: str) -> None:
-        """Writes the keyed rows of the table to the cache folder in one file, atomically (temporary file + rename)."""
+        """
+        Writes the keyed rows of the table to the cache folder in one file, atomically (temporary file + rename). A
+        failed write is a warning, not an error: the features are in memory, and under several processes the others
+        are waiting for this one.
+        """
         if self.cache_dir is None:
             return
-        os.makedirs(self.cache_dir, exist_ok=True)
-        keys, features = self._tables[fingerprint].keyed_rows()
-        digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 20)
-        handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-        os.close(handle)
+        temporary = None
         try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+            keys, features = self._tables[fingerprint].keyed_rows()
+            digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 20)
+            handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+            os.close(handle)
             save_file({"features": features.contiguous(), "keys": digests}, temporary)
             os.replace(temporary, self._path(fingerprint))
+        except OSError as error:
+            logger.warning(
+                f"Could not write the embedding cache in {self.cache_dir} ({error}); training goes on with the "
+                "features in memory, and the next run encodes the texts again."
+            )
         finally:
-            if os.path.exists(temporary):
+            if temporary is not None and os.path.exists(temporary):
                 os.remove(temporary)
 
     def fingerprint(self, model, tokenizer, max_length: int | None = None) -> str:
@@ -295,7 +305,7 @@ class EmbeddingCache:
         table = self.feature_table(fingerprint)
         keys = [text_key(text) for text in texts]
         missing = table.missing(keys)
-        state = _distributed_state() if distributed else None
+        state = distributed_state() if distributed else None
         if state is not None:
             _check_same_keys(missing)
         if missing:
@@ -359,8 +369,12 @@ class EmbeddingCache:
         _all_gather_rows(local, new_rows, shards, state)
 
 
-def _distributed_state():
-    """accelerate's `PartialState` when this process is one of several, else `None`."""
+def distributed_state():
+    """
+    accelerate's `PartialState` when this process is one of several, else `None`. A process started as one of several
+    (`WORLD_SIZE` > 1, as `torchrun` / `accelerate launch` set it) that joined no process group is an error: each
+    process would otherwise train alone on all the data, silently.
+    """
     from accelerate import PartialState
 
     state = PartialState()
@@ -482,6 +496,7 @@ __all__ = [
     "EmbeddingCache",
     "FeatureTable",
     "backbone_hash",
+    "distributed_state",
     "featurize_preferences",
     "resolve_feature_dtype",
     "text_key",

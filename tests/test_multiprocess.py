@@ -11,6 +11,7 @@ parameters agree to about 1e-6 and the predictions, hence the accuracies, agree 
 """
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -170,11 +171,14 @@ def test_fsdp2_sharded_pal_steps_and_replicated_user_table(tmp_path):
 
 
 # ---------------------------------------------------------------- in this process
-def test_processes_without_a_process_group_are_an_error(monkeypatch, word_tokenizer):
+def test_processes_without_a_process_group_are_an_error(tmp_path, monkeypatch, word_tokenizer):
+    args = PalRewardConfig(str(tmp_path), use_cpu=True)
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, but this process joined no group
     model = tiny_model(vocab_size=len(word_tokenizer))
     with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2.*pass `--use_cpu true`"):
         EmbeddingCache().encode_rows(model, word_tokenizer, ["the quick fox"], distributed=True)
+    with pytest.raises(RuntimeError, match=r"one of 2 \(WORLD_SIZE=2\) but is not part of a process group"):
+        PalRewardTrainer(model, args, train_dataset=texts_dataset())
 
 
 def test_feature_table_in_half_precision():
@@ -296,3 +300,70 @@ def test_fsdp2_trainer_keeps_the_user_table_out_of_sharding(tmp_path, word_token
     assert plugin.ignored_modules == [model.item_head, model.user_weights]
     assert model.user_weights.weight._pal_replicated
     assert len(model.user_weights.weight._backward_hooks) == 1
+
+
+# ---------------------------------------------------------------- accelerate configs
+ACCELERATE_CONFIGS = {
+    "cpu_2proc.yaml": {"distributed_type": "MULTI_GPU", "multi_gpu": True, "use_cpu": True, "num_processes": 2},
+    "multi_gpu.yaml": {"distributed_type": "MULTI_GPU", "multi_gpu": True, "use_cpu": False},
+    "deepspeed_zero2.yaml": {"distributed_type": "DEEPSPEED", "use_deepspeed": True, "zero_stage": 2},
+    "deepspeed_zero3.yaml": {
+        "distributed_type": "DEEPSPEED",
+        "use_deepspeed": True,
+        "zero_stage": 3,
+        "zero3_save_16bit_model": True,
+    },
+    "fsdp2.yaml": {
+        "distributed_type": "FSDP",
+        "use_fsdp": True,
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_cpu_ram_efficient_loading": False,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_config_is_read_by_accelerate_launch(name):
+    """Each shipped config goes through accelerate's own loader and `accelerate launch`'s validation."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    path = os.path.join(os.path.dirname(TESTS), "hub_configs", "accelerate", name)
+    config = load_config_from_file(path)
+    args = launch_command_parser().parse_args(["--config_file", path, "trainers/train_pal.py"])
+    args, _, _ = _validate_launch_command(args)
+    for key, value in ACCELERATE_CONFIGS[name].items():
+        actual = str(config.distributed_type).split(".")[-1] if key == "distributed_type" else getattr(args, key)
+        assert actual == value, (key, actual)
+    assert args.mixed_precision == "no"  # precision comes from the recipe (`bf16`), never silently from here
+
+
+def test_every_accelerate_config_is_tested():
+    folder = os.path.join(os.path.dirname(TESTS), "hub_configs", "accelerate")
+    assert sorted(os.listdir(folder)) == sorted(ACCELERATE_CONFIGS)
+
+
+def test_fsdp_cpu_ram_efficient_loading_is_refused(tmp_path, monkeypatch, word_tokenizer):
+    args = PalRewardConfig(str(tmp_path), use_cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    with pytest.raises(ValueError, match="set `fsdp_cpu_ram_efficient_loading: false`"):
+        PalRewardTrainer(
+            tiny_model(vocab_size=len(word_tokenizer)),
+            args,
+            train_dataset=texts_dataset(),
+            processing_class=word_tokenizer,
+        )
+
+
+def test_cache_write_failure_is_a_warning(tmp_path, caplog, word_tokenizer):
+    """The main process failing to write the cache must not leave the others waiting: a warning, features kept."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    model = tiny_model(vocab_size=len(word_tokenizer))
+    cache = EmbeddingCache(str(blocked))
+    with caplog.at_level(logging.WARNING, logger="pal_rm.cache"):
+        features = cache.encode(model, word_tokenizer, ["the quick fox", "a lazy dog"], show_progress=False)
+    assert "Could not write the embedding cache" in caplog.text
+    assert features.shape == (2, 32) and cache.num_encoded == 2

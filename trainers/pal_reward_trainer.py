@@ -2,6 +2,7 @@
 """`PalRewardTrainer`: TRL's `RewardTrainer` for personalized PAL reward models."""
 
 import contextlib
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import str_to_bool
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -17,7 +19,7 @@ from trl import RewardTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
 
-from pal_rm.cache import EmbeddingCache, FeatureTable, resolve_feature_dtype, text_key
+from pal_rm.cache import EmbeddingCache, FeatureTable, distributed_state, resolve_feature_dtype, text_key
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
@@ -170,6 +172,7 @@ class PalRewardTrainer(RewardTrainer):
             raise TypeError(f"`args` must be a `PalRewardConfig`, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        _check_launch()
 
         # The salt maps raw user ids to a hashed registry. It stays in memory: never in `args` (uploaded as
         # `training_args.bin`) nor in any other file.
@@ -561,13 +564,12 @@ class PalRewardTrainer(RewardTrainer):
         logit scale; or only `parameters`), whatever shards them: DeepSpeed ZeRO-3 partitions are gathered, and an
         FSDP2-wrapped model unshards its root parameters (the backbone's FSDP2 units unshard in their own forward). PAL's
         steps outside `forward` run inside it: the population refresh, [`adapt_users`], encoding new texts, the
-        `mixture_entropy` metric. It does nothing on one process, under DDP and under ZeRO-1/2. Enter it from every
-        process: gathering is collective. Re-entrant.
+        `mixture_entropy` metric. It does nothing when nothing is sharded (one process, DDP, ZeRO-1/2). Enter it from
+        every process: gathering is collective. Re-entrant.
         """
         model = self._pal_model
         depth = getattr(self, "_full_parameters_depth", 0)
-        accelerator = getattr(self, "accelerator", None)  # none yet while `__init__` prepares the datasets
-        if depth or accelerator is None or accelerator.num_processes == 1:
+        if depth:
             yield
             return
         self._full_parameters_depth = depth + 1
@@ -580,7 +582,7 @@ class PalRewardTrainer(RewardTrainer):
 
                 with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
                     yield
-            elif _is_fsdp2_module(model):
+            elif _is_fsdp2_module(model) and any(hasattr(parameter, "full_tensor") for parameter in parameters):
                 model.unshard()
                 try:
                     yield
@@ -861,6 +863,20 @@ class PalRewardTrainer(RewardTrainer):
                 "finite. Lower the learning rates, check the data for extreme values, or turn off mixed precision."
             )
         return loss
+
+
+def _check_launch() -> None:
+    """Refuses launches that would train wrongly without saying so."""
+    distributed_state()  # several processes that form no group: an error, not N separate trainings
+    if str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")) and str_to_bool(
+        os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    ):
+        raise ValueError(
+            "FSDP's `cpu_ram_efficient_loading` loads the weights on the main process only and expects the others to "
+            "receive them when the model is wrapped, but a PAL model encodes its texts and builds its heads and user "
+            "table before that, on every process. In the accelerate config, set `fsdp_cpu_ram_efficient_loading: "
+            "false` (hub_configs/accelerate/fsdp2.yaml does)."
+        )
 
 
 def average_across_processes(gradient: torch.Tensor) -> torch.Tensor:
