@@ -12,15 +12,14 @@ python examples/gpu_smoke.py --configs cpu_2proc  # a dry run without GPUs: DDP 
 For each config, `accelerate launch --config_file hub_configs/accelerate/<config>.yaml --num_processes <GPUs>` runs this
 file in worker mode, which, on every process:
 
-1. trains PAL-B with the backbone frozen (features encoded once, split across processes), fits new users
-   (`adapt_users`) and evaluates;
-2. trains PAL-B with the backbone trained (tokens through the sharded backbone), saves, fits new users and evaluates;
+1. trains PAL-B with the backbone frozen (features encoded once, split across processes), saves, fits new users
+   (`adapt_users`), evaluates and saves again;
+2. the same with the backbone trained (tokens through the sharded backbone);
 
 and checks that losses and accuracies are finite, that every process ends with the same user table and population
-mixture, and that the saved model reloads with `PalRewardModel.from_pretrained` with the trained user table. It prints
-one line per config and exits with an error if any failed. DeepSpeed configs are skipped when DeepSpeed is not
-installed. FSDP and ZeRO-3 need GPUs (on the CPU, accelerate silently runs DDP instead); with one GPU they still run,
-on one shard.
+mixture, and that both saved models reload with `PalRewardModel.from_pretrained` with their user tables. It prints one
+line per config and exits with an error if any failed. DeepSpeed configs are skipped when DeepSpeed is not installed.
+FSDP and ZeRO-3 need GPUs (on the CPU, accelerate silently runs DDP instead); with one GPU they still run, on one shard.
 """
 
 import argparse
@@ -124,6 +123,7 @@ def worker(args) -> None:
         trained_rows = trainer._pal_model.user_weights.weight.detach().float().cpu().clone()
         trainer.adapt_users(dataset["unseen_train"])
         unseen = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen")["unseen_accuracy"]
+        trainer.save_model(output_dir + "-adapted")  # the grown user table, saved through the engine
         with trainer.full_pal_parameters():
             table = trainer._pal_model.user_weights.weight.detach().float().cpu()
             population = trainer._pal_model.population_mixture.detach().float().cpu()
@@ -132,7 +132,11 @@ def worker(args) -> None:
         reloaded = None
         if state.is_main_process:
             saved = PalRewardModel.from_pretrained(output_dir)
-            reloaded = bool(torch.allclose(saved.user_weights.weight.float(), trained_rows, atol=1e-3))
+            adapted = PalRewardModel.from_pretrained(output_dir + "-adapted")
+            reloaded = bool(
+                torch.allclose(saved.user_weights.weight.float(), trained_rows, atol=1e-3)
+                and torch.allclose(adapted.user_weights.weight.float(), table, atol=1e-3)
+            )
         values = (train_loss, seen, unseen)
         report[name] = {
             "train_loss": train_loss,
