@@ -120,7 +120,8 @@ def worker(args) -> None:
         train_loss = trainer.train().training_loss
         seen = trainer.evaluate(dataset["test"], metric_key_prefix="test")["test_accuracy"]
         trainer.save_model(output_dir)
-        trained_rows = trainer._pal_model.user_weights.weight.detach().float().cpu().clone()
+        with trainer.full_pal_parameters():  # whole even where ZeRO-3 partitions it
+            trained_rows = trainer._pal_model.user_weights.weight.detach().float().cpu().clone()
         trainer.adapt_users(dataset["unseen_train"])
         unseen = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen")["unseen_accuracy"]
         trainer.save_model(output_dir + "-adapted")  # the grown user table, saved through the engine
@@ -129,14 +130,6 @@ def worker(args) -> None:
             population = trainer._pal_model.population_mixture.detach().float().cpu()
         tables = gather_object([(table, population)])
         identical = all(torch.equal(t, tables[0][0]) and torch.equal(p, tables[0][1]) for t, p in tables)
-        reloaded = None
-        if state.is_main_process:
-            saved = PalRewardModel.from_pretrained(output_dir)
-            adapted = PalRewardModel.from_pretrained(output_dir + "-adapted")
-            reloaded = bool(
-                torch.allclose(saved.user_weights.weight.float(), trained_rows, atol=1e-3)
-                and torch.allclose(adapted.user_weights.weight.float(), table, atol=1e-3)
-            )
         values = (train_loss, seen, unseen)
         report[name] = {
             "train_loss": train_loss,
@@ -144,7 +137,9 @@ def worker(args) -> None:
             "unseen_accuracy": unseen,
             "finite": all(torch.isfinite(torch.tensor(v)).item() for v in values),
             "identical_user_tables": identical,
-            "reloads": reloaded,
+            # Reloaded by the launching process, outside the engine (under ZeRO-3, `from_pretrained` in a worker
+            # would partition the model again).
+            "saved": {output_dir: trained_rows.tolist(), output_dir + "-adapted": table.tolist()},
         }
         state.wait_for_everyone()
     if state.is_main_process:
@@ -152,6 +147,19 @@ def worker(args) -> None:
         report["distributed_type"] = str(state.distributed_type)
         with open(os.path.join(args.folder, "report.json"), "w") as file:
             json.dump(report, file, indent=2)
+
+
+def reloads(saved: dict[str, list]) -> bool:
+    """Whether every saved folder loads with `PalRewardModel.from_pretrained` with the user table it was saved with."""
+    import torch
+
+    from pal_rm import PalRewardModel
+
+    for folder, table in saved.items():
+        model = PalRewardModel.from_pretrained(folder)
+        if not torch.allclose(model.user_weights.weight.float(), torch.tensor(table), atol=1e-3):
+            return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -193,6 +201,8 @@ def main(argv=None) -> int:
                 continue
             with open(report_path) as file:
                 report = json.load(file)
+            for part in ("frozen backbone", "trained backbone"):
+                report[part]["reloads"] = reloads(report[part]["saved"])
         for part in ("frozen backbone", "trained backbone"):
             result = report[part]
             ok = result["finite"] and result["identical_user_tables"] and result["reloads"]

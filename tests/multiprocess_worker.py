@@ -117,7 +117,19 @@ def run(
                 table.table[rows], trainer._feature_table.table[trainer._feature_table.rows([text_key(texts[0])])]
             )
         )
-    if state.num_processes > 1:
+    # Saved after adapt_users, through the engine (ZeRO-3 consolidates its partitions), the model reloads whole.
+    saved = os.path.join(output_dir, "saved")
+    trainer.save_model(saved)
+    if state.is_main_process:  # read back from the files (`from_pretrained` would partition again under ZeRO-3)
+        from safetensors.torch import load_file
+
+        with open(os.path.join(saved, "config.json")) as file:
+            saved_ids = json.load(file)["user_ids"]
+        saved_table = load_file(os.path.join(saved, "model.safetensors"))["user_weights.weight"]
+        result["saved_user_table_matches"] = saved_ids == result["user_ids"] and torch.equal(
+            saved_table, torch.tensor(result["user_table"])
+        )
+    if state.num_processes > 1 and not trainer._backbone_is_sharded():  # a sharded backbone needs lockstep
         result.update(collective_checks(model, tokenizer, state.process_index))
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, f"rank{state.process_index}.json"), "w") as file:

@@ -106,8 +106,9 @@ def test_two_processes_train_like_one_and_encode_each_text_once(tmp_path, one_pr
     assert len(first | second) == ranks[0]["feature_rows"] == one_process["feature_rows"]
     assert abs(len(first) - len(second)) <= 5  # one split per encoding call, each within one text
     assert [rank["num_encoded"] for rank in ranks] == [len(first), len(second)]
-    # Every process holds the whole table once.
+    # Every process holds the whole table once; the model saved after adapt_users holds the grown table.
     assert ranks[0]["feature_bytes"] == ranks[1]["feature_bytes"] == one_process["feature_bytes"]
+    assert ranks[0]["saved_user_table_matches"] and one_process["saved_user_table_matches"]
 
     # The main process alone wrote the cache; a new cache on that folder reads every text back in both processes.
     assert ranks[0]["cache_writes"] >= 1 and ranks[1]["cache_writes"] == 0
@@ -125,15 +126,19 @@ def test_two_processes_train_like_one_and_encode_each_text_once(tmp_path, one_pr
     assert all(rank["lockstep_matches"] for rank in ranks)
 
 
-def test_deepspeed_zero2_trains_like_one_process(tmp_path, one_process):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_one_process(tmp_path, one_process, stage):
+    """ZeRO-2, and ZeRO-3 (parameters partitioned: PAL gathers its own for the steps outside `forward`, encodes new
+    texts in lockstep, and saves the user table grown by `adapt_users`). The first run compiles DeepSpeed's CPU
+    communication op (minutes, cached in ~/.cache/torch_extensions)."""
     pytest.importorskip(
         "deepspeed", reason="DeepSpeed is optional: `DS_BUILD_OPS=0 pip install deepspeed` installs it without CUDA"
     )
-    config = tmp_path / "zero2.json"
+    config = tmp_path / "zero.json"
     config.write_text(
         json.dumps(
             {
-                "zero_optimization": {"stage": 2},
+                "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
                 "train_micro_batch_size_per_gpu": "auto",
                 "train_batch_size": "auto",
                 "gradient_accumulation_steps": "auto",
@@ -142,7 +147,7 @@ def test_deepspeed_zero2_trains_like_one_process(tmp_path, one_process):
             }
         )
     )
-    output_dir = tmp_path / "zero2"
+    output_dir = tmp_path / "zero"
     ranks = launch(
         "multiprocess_worker.py",
         output_dir,
@@ -153,6 +158,9 @@ def test_deepspeed_zero2_trains_like_one_process(tmp_path, one_process):
     )
     assert all(rank["distributed_type"] == "DistributedType.DEEPSPEED" for rank in ranks)
     assert_trained_like_one_process(ranks, one_process)
+    first, second = (set(rank["encoded"]) for rank in ranks)
+    assert not first & second and first | second == set(one_process["encoded"])
+    assert ranks[0]["saved_user_table_matches"]  # saved after adapt_users, the grown table included
 
 
 def test_fsdp2_sharded_pal_steps_and_replicated_user_table(tmp_path):

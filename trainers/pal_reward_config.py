@@ -17,7 +17,8 @@ class PalRewardConfig(RewardConfig):
             Train the backbone too. When `False` (the paper's setting) the backbone is frozen, every unique text is
             encoded once and the heads are trained on cached features.
         embedding_cache_dir (`str`, *optional*):
-            Folder where the frozen-backbone features are kept between runs. `None`: in memory only.
+            Folder where the frozen-backbone features are kept between runs (one safetensors file per backbone, written
+            atomically by the main process; with several machines, a folder they all see). `None`: in memory only.
         encode_batch_size (`int`, *optional*, defaults to `64`):
             Batch size of the backbone when texts are encoded for the cache.
         feature_dtype (`str`, *optional*, defaults to `"float32"`):

@@ -628,6 +628,47 @@ class PalRewardTrainer(RewardTrainer):
         weight._pal_replicated = True
         logger.info("FSDP2: the user table is replicated on every process (ignored by `fully_shard`), not sharded.")
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """
+        `Trainer.save_model`. Under DeepSpeed ZeRO-3, once [`adapt_users`] has grown the user table after wrapping (a
+        new table, whole on every process, that ZeRO-3 does not partition and DeepSpeed's consolidated save cannot
+        handle), the weights are gathered here instead, one module at a time as DeepSpeed does.
+        """
+        if not self._user_table_outside_zero3():
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self._save(output_dir, state_dict=self._gathered_state_dict())
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _user_table_outside_zero3(self) -> bool:
+        model = self._pal_model
+        return (
+            self.is_deepspeed_enabled
+            and not hasattr(model.user_weights.weight, "ds_id")
+            and any(hasattr(parameter, "ds_id") for parameter in model.parameters())
+        )
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on the saving process (`None` elsewhere), ZeRO-3 partitions gathered module by
+        module. Collective: call it from every process."""
+        import deepspeed
+
+        state_dict = {} if self.args.should_save else None
+        for prefix, module in self._pal_model.named_modules():
+            parameters = dict(module.named_parameters(recurse=False))
+            partitioned = [parameter for parameter in parameters.values() if hasattr(parameter, "ds_id")]
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                if state_dict is None:
+                    continue
+                key = f"{prefix}." if prefix else ""
+                for name, parameter in parameters.items():
+                    state_dict[key + name] = parameter.detach().cpu().clone()
+                for name, buffer in module.named_buffers(recurse=False):
+                    if buffer is not None and name not in module._non_persistent_buffers_set:
+                        state_dict[key + name] = buffer.detach().cpu().clone()
+        return state_dict
+
     def _broadcast_user_rows(self, first_row: int, num_rows: int) -> None:
         """Copies rows of the user table from the main process to every other one, so all end bit-identical."""
         if self.accelerator.num_processes == 1:
