@@ -113,6 +113,15 @@ class PalPrototypeMaps(nn.Module):
         return torch.stack([prototype_map(prompt_features) for prototype_map in self.maps], dim=1)
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    The whole tensor of a parameter that FSDP2 (or tensor parallelism) may have sharded into a `DTensor` (a collective:
+    call it from every process), or the tensor itself. PAL code that reads or grows its own parameters outside
+    `forward` (the user table, the population mixture) goes through it.
+    """
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
 def pool_hidden_states(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, pooling: str) -> torch.Tensor:
     """Pools `(B, L, H)` token states to `(B, H)`. `last` finds the last non-pad token for left and right padding."""
     if attention_mask is None:
@@ -1596,11 +1605,12 @@ class PalRewardModel(PalPreTrainedModel):
         new_users = list(dict.fromkeys(key for key in keys if key not in registry))
         if new_users:
             old = self.user_weights
-            table = nn.Embedding(old.num_embeddings + len(new_users), self.config.num_prototypes)
-            table.to(device=old.weight.device, dtype=old.weight.dtype)
+            old_weight = full_tensor(old.weight)
+            table = nn.Embedding(old_weight.shape[0] + len(new_users), self.config.num_prototypes)
+            table.to(device=old_weight.device, dtype=old_weight.dtype)
             with torch.no_grad():
-                table.weight[: old.num_embeddings] = old.weight
-                table.weight[old.num_embeddings :] = self.population_logits().to(table.weight.dtype)
+                table.weight[: old_weight.shape[0]] = old_weight
+                table.weight[old_weight.shape[0] :] = self.population_logits().to(table.weight.dtype)
             table.weight.requires_grad_(old.weight.requires_grad)
             self.user_weights = table
             self.config.user_ids = list(self.config.user_ids) + new_users
@@ -1763,7 +1773,7 @@ class PalRewardModel(PalPreTrainedModel):
 
     def user_mixture_weights(self) -> torch.Tensor:
         """Mixture weights `(num_users, num_prototypes)` of every registered user."""
-        return torch.softmax(self.user_weights.weight / self.config.mixture_temperature, dim=-1)
+        return torch.softmax(full_tensor(self.user_weights.weight) / self.config.mixture_temperature, dim=-1)
 
     @torch.no_grad()
     def truncate_users(self, num_users: int) -> None:
@@ -1775,11 +1785,11 @@ class PalRewardModel(PalPreTrainedModel):
             raise ValueError(f"`num_users` must be between 0 and {self.num_users}, got {num_users}.")
         if num_users == self.num_users:
             return
-        old = self.user_weights
+        old_weight = full_tensor(self.user_weights.weight)
         table = nn.Embedding(num_users, self.config.num_prototypes)
-        table.to(device=old.weight.device, dtype=old.weight.dtype)
-        table.weight.copy_(old.weight[:num_users])
-        table.weight.requires_grad_(old.weight.requires_grad)
+        table.to(device=old_weight.device, dtype=old_weight.dtype)
+        table.weight.copy_(old_weight[:num_users])
+        table.weight.requires_grad_(self.user_weights.weight.requires_grad)
         self.user_weights = table
         self.config.user_ids = list(self.config.user_ids)[:num_users]
 

@@ -124,6 +124,15 @@ def test_checkpoints_smoke(tmp_path):
     assert rows["reference"]["size_mb"] < rows["lora_adapter"]["size_mb"] < rows["full"]["size_mb"]
 
 
+def test_multi_process_smoke(tmp_path):
+    result = load_script("multi_process").main(["--smoke", "--repeats", "1", "--output_dir", str(tmp_path)])
+    assert read(tmp_path, "multi_process")["two_over_one"] == result["two_over_one"] > 0
+    assert result["texts_encoded_in_total"] == result["unique_texts"]  # each text once in the 2-process job
+    assert len(result["texts_encoded_per_process"]) == 2 and min(result["texts_encoded_per_process"]) > 0
+    two = result["feature_megabytes_per_process"]["2_processes"]
+    assert two[0] == two[1] == result["feature_megabytes_per_process"]["1_process"][0] > 0
+
+
 def test_render_results_from_json(tmp_path):
     render = load_script("render_results")
     results_dir = tmp_path / "results"

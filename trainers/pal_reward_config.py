@@ -17,9 +17,15 @@ class PalRewardConfig(RewardConfig):
             Train the backbone too. When `False` (the paper's setting) the backbone is frozen, every unique text is
             encoded once and the heads are trained on cached features.
         embedding_cache_dir (`str`, *optional*):
-            Folder where the frozen-backbone features are kept between runs. `None`: in memory only.
+            Folder where the frozen-backbone features are kept between runs (one safetensors file per backbone, written
+            atomically by the main process; with several machines, a folder they all see). `None`: in memory only.
         encode_batch_size (`int`, *optional*, defaults to `64`):
             Batch size of the backbone when texts are encoded for the cache.
+        feature_dtype (`str`, *optional*, defaults to `"float32"`):
+            Storage precision of the frozen-backbone feature table (held once per process, and in
+            `embedding_cache_dir`): `"float32"`, or `"float16"` / `"bfloat16"` for half the memory. Features are
+            computed in float32, stored once in this dtype and given to the heads as float32; a feature that overflows
+            `float16` is an error.
         backbone_learning_rate, head_learning_rate, prototype_learning_rate, user_learning_rate,
         logit_scale_learning_rate (`float`, *optional*):
             Learning rates of the parameter groups: the backbone, the item map `f` and PAL-B's prototype maps, PAL-A's
@@ -63,6 +69,10 @@ class PalRewardConfig(RewardConfig):
         default=None, metadata={"help": "Folder that keeps frozen-backbone features between runs."}
     )
     encode_batch_size: int = field(default=64, metadata={"help": "Backbone batch size when encoding texts."})
+    feature_dtype: str = field(
+        default="float32",
+        metadata={"help": "Storage dtype of the frozen-backbone feature table: float32, float16 or bfloat16."},
+    )
     backbone_learning_rate: float | None = field(
         default=1e-5, metadata={"help": "Learning rate of the backbone (when `train_backbone`)."}
     )
@@ -125,6 +135,10 @@ class PalRewardConfig(RewardConfig):
         if self.user_table_update not in ("auto", "sparse", "dense"):
             raise ValueError(
                 f"`user_table_update` must be 'auto', 'sparse' or 'dense', got {self.user_table_update!r}."
+            )
+        if self.feature_dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"`feature_dtype` must be 'float32', 'float16' or 'bfloat16', got {self.feature_dtype!r}."
             )
         if self.norm_bound is not None and self.norm_bound <= 0:
             raise ValueError(f"`norm_bound` must be positive, got {self.norm_bound!r}.")

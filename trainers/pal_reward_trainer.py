@@ -3,14 +3,15 @@
 
 import contextlib
 import os
+import re
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import str_to_bool
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -20,7 +21,7 @@ from trl import RewardTrainer
 from trl.data_utils import extract_prompt
 from trl.trainer.utils import pad
 
-from pal_rm.cache import EmbeddingCache
+from pal_rm.cache import EmbeddingCache, FeatureTable, distributed_state, resolve_feature_dtype, text_key
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
@@ -35,53 +36,14 @@ PROCESSED_FEATURE_COLUMNS = ("chosen_index", "rejected_index", "prompt_index", "
 PROCESSED_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids", "prompt_ids", "user_index")
 
 
-class FeatureTable:
-    """A growing table of pooled features; rows are addressed by the indices stored in the processed datasets."""
-
-    def __init__(self):
-        self._chunks: list[torch.Tensor] = []
-        self._rows: dict[str, int] = {}
-        self._size = 0
-        self._table: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, features: torch.Tensor, keys: Sequence[str] | None = None) -> list[int]:
-        """Appends rows (deduplicated by `keys` when given) and returns their indices."""
-        if keys is None:
-            start = self._size
-            self._chunks.append(features.float().cpu())
-            self._size += features.shape[0]
-            self._table = None
-            return list(range(start, self._size))
-        new = [i for i, key in enumerate(keys) if key not in self._rows]
-        if new:
-            for offset, i in enumerate(new):
-                self._rows[keys[i]] = self._size + offset
-            self._chunks.append(features[new].float().cpu())
-            self._size += len(new)
-            self._table = None
-        return [self._rows[key] for key in keys]
-
-    def missing(self, keys: Sequence[str]) -> list[str]:
-        return [key for key in dict.fromkeys(keys) if key not in self._rows]
-
-    @property
-    def table(self) -> torch.Tensor:
-        if self._table is None:
-            self._table = torch.cat(self._chunks) if self._chunks else torch.empty(0)
-            self._chunks = [self._table]
-        return self._table
-
-
 @dataclass
 class DataCollatorForPersonalizedPreference(DataCollatorMixin):
     """
     Collates processed personalized preference examples into one batch of `2 * num_pairs` sequences (chosen first,
     then rejected, as TRL's `DataCollatorForPreference`), with the user of each pair repeated for both halves.
 
-    Examples hold either cached-feature indices (`chosen_index`, `rejected_index`, `prompt_index` into `features`) or
+    Examples hold either cached-feature indices (`chosen_index`, `rejected_index`, `prompt_index` into `features`, a
+    [`~pal_rm.cache.FeatureTable`] whose rows are given as float32 whatever its storage dtype) or
     token ids (`chosen_ids`, `rejected_ids`, `prompt_ids`), plus `user_index` (a row of the user table, `-1` for the
     population) and optionally `margin`. Prompts stay one per pair; the model tiles them over the two halves.
 
@@ -116,7 +78,7 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
             rows = [example["chosen_index"] for example in examples] + [
                 example["rejected_index"] for example in examples
             ]
-            output["item_features"] = table[torch.tensor(rows)]
+            output["item_features"] = table[torch.tensor(rows)].float()
         else:
             sequences = [torch.tensor(example["chosen_ids"]) for example in examples]
             sequences += [torch.tensor(example["rejected_ids"]) for example in examples]
@@ -135,7 +97,8 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
         users = torch.tensor([example["user_index"] for example in examples], dtype=torch.long)
         output["user_ids"] = torch.cat([users, users])
         if first.get("prompt_index", -1) is not None and first.get("prompt_index", -1) >= 0:
-            output["prompt_features"] = self.features.table[torch.tensor([e["prompt_index"] for e in examples])]
+            prompt_rows = torch.tensor([example["prompt_index"] for example in examples])
+            output["prompt_features"] = self.features.table[prompt_rows].float()
         elif first.get("prompt_ids"):
             prompts = [torch.tensor(example["prompt_ids"]) for example in examples]
             output["prompt_input_ids"] = pad(prompts, padding_value=self.pad_token_id, padding_side="right")
@@ -213,6 +176,7 @@ class PalRewardTrainer(RewardTrainer):
             raise TypeError(f"`args` must be a `PalRewardConfig`, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        _check_launch()
 
         # The salt maps raw user ids to a hashed registry. It stays in memory: never in `args` (uploaded as
         # `training_args.bin`) nor in any other file.
@@ -236,8 +200,8 @@ class PalRewardTrainer(RewardTrainer):
             raise ValueError("`train_backbone=True` needs a model with a backbone; this one takes pooled features.")
 
         self._pal_model = model
-        self._feature_table = FeatureTable()
-        self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir)
+        self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir, dtype=args.feature_dtype)
+        self._feature_table = self._new_feature_table(model, processing_class, args)
         self.per_user_accuracy: dict[str, dict[str, float]] = {}
         self._current_eval_prefix = "eval"
         self._eval_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -246,15 +210,15 @@ class PalRewardTrainer(RewardTrainer):
         self.train_users = self._users_of(train_dataset, args, "train")
         model.add_users(self.train_users)
 
-        with args.main_process_first(desc="encoding texts"):
-            train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    name: self._prepare_dataset(dataset, processing_class, args, name)
-                    for name, dataset in eval_dataset.items()
-                }
-            elif eval_dataset is not None:
-                eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+        # Every process prepares the datasets at once: the texts to encode are split across processes and gathered.
+        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_dataset(dataset, processing_class, args, name)
+                for name, dataset in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
 
         if data_collator is None:
             data_collator = DataCollatorForPersonalizedPreference(
@@ -371,25 +335,11 @@ class PalRewardTrainer(RewardTrainer):
 
         if not args.train_backbone:
             texts = items_chosen + items_rejected + (prompts if use_prompts else [])
-            missing = self._feature_table.missing(texts)
-            if missing:
-                device = model.item_head.layers[-1].weight.device
-                model.to(args.device)
-                features = self.embedding_cache.encode(
-                    model,
-                    processing_class,
-                    missing,
-                    batch_size=args.encode_batch_size,
-                    max_length=args.max_length,
-                    show_progress=not args.disable_tqdm,
-                )
-                model.to(device)
-                self._feature_table.add(features, missing)
-            output["chosen_index"] = self._feature_table.add(torch.empty(0), items_chosen)
-            output["rejected_index"] = self._feature_table.add(torch.empty(0), items_rejected)
-            output["prompt_index"] = (
-                self._feature_table.add(torch.empty(0), prompts) if use_prompts else [-1] * len(prompts)
-            )
+            rows = self._encode_texts(texts, processing_class, args)
+            num_rows = len(items_chosen)
+            output["chosen_index"] = rows[:num_rows]
+            output["rejected_index"] = rows[num_rows : 2 * num_rows]
+            output["prompt_index"] = rows[2 * num_rows :] if use_prompts else [-1] * num_rows
             return Dataset.from_dict(output)
 
         max_length = args.max_length or default_max_length(processing_class, model.config)
@@ -400,6 +350,54 @@ class PalRewardTrainer(RewardTrainer):
             tokenize_texts(processing_class, prompts, framing, max_length) if use_prompts else [[] for _ in prompts]
         )
         return Dataset.from_dict(output)
+
+    def _new_feature_table(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureTable:
+        """
+        The table the collator reads features from. With a frozen backbone it is the embedding cache's table of that
+        backbone, so every feature is held once per process (and shared with any trainer given the same cache); with
+        a trained backbone or no backbone, a table of its own for pooled-feature columns.
+        """
+        if self.embedding_cache.dtype != resolve_feature_dtype(args.feature_dtype):
+            raise ValueError(
+                f"The embedding cache stores {self.embedding_cache.dtype} features but `feature_dtype` is "
+                f"{args.feature_dtype!r}. Build the cache with `EmbeddingCache(..., dtype=args.feature_dtype)`."
+            )
+        self._backbone_fingerprint = None
+        if model.backbone is not None and not args.train_backbone:
+            self._backbone_fingerprint = self.embedding_cache.fingerprint(model, processing_class, args.max_length)
+            return self.embedding_cache.feature_table(self._backbone_fingerprint)
+        return FeatureTable(args.feature_dtype)
+
+    def _encode_texts(self, texts: list[str], processing_class, args: PalRewardConfig) -> list[int]:
+        """
+        Rows of `texts` in the feature table, encoding with the frozen backbone the texts no row holds yet. Under
+        several processes every process calls this with the same texts: each unique text goes through the backbone in
+        one process only and the features are gathered, so every process holds the same table (see
+        [`~pal_rm.cache.EmbeddingCache.encode_rows`]).
+        """
+        model = self._pal_model
+        sharded = self._backbone_is_sharded()
+        move = not sharded and bool(self._feature_table.missing([text_key(text) for text in texts]))
+        device = model.item_head.layers[-1].weight.device
+        if move:
+            model.to(args.device)
+        try:
+            with self.full_pal_parameters():
+                _, rows = self.embedding_cache.encode_rows(
+                    model,
+                    processing_class,
+                    texts,
+                    batch_size=args.encode_batch_size,
+                    max_length=args.max_length,
+                    show_progress=not args.disable_tqdm,
+                    distributed=True,
+                    lockstep=sharded,
+                    fingerprint=self._backbone_fingerprint,
+                )
+        finally:
+            if move:
+                model.to(device)
+        return rows
 
     def _format_texts(self, dataset, processing_class, dataset_name) -> tuple[list[str], list[str], list[str]]:
         """`(prompts, chosen items, rejected items)` as the backbone reads them (`format_preference_texts`); raises on
@@ -608,7 +606,8 @@ class PalRewardTrainer(RewardTrainer):
     @torch.no_grad()
     def _mixture_entropy(self) -> float:
         """Mean entropy of the registered users' mixtures (0: every user on one prototype; log K: uniform)."""
-        weights = self._pal_model.user_mixture_weights()
+        with self.full_pal_parameters([self._pal_model.user_weights.weight]):
+            weights = self._pal_model.user_mixture_weights()
         return -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean().item()
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -627,6 +626,7 @@ class PalRewardTrainer(RewardTrainer):
     def train(self, *args, **kwargs):
         """Trains, then sets the model's population mixture to the mean mixture of the training users. The user table
         gets per-batch (sparse) updates unless `args.user_table_update` or the setup rules them out."""
+        self._replicate_user_table()
         self._sparse_user_table = self._sparse_user_table_update()
         if self._sparse_user_table is not None:
             self._sparse_user_table.attach()
@@ -639,8 +639,132 @@ class PalRewardTrainer(RewardTrainer):
                 self._sparse_user_table.detach()
                 self._sparse_user_table = None
         model = self._pal_model
-        model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
+        with self.full_pal_parameters():
+            model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
         return output
+
+    # ------------------------------------------------------------------ several processes
+    @contextlib.contextmanager
+    def full_pal_parameters(self, parameters: list[torch.nn.Parameter] | None = None):
+        """
+        A context in which every process holds PAL's own parameters whole (the item map, prototypes, user table and
+        logit scale; or only `parameters`), whatever shards them: DeepSpeed ZeRO-3 partitions are gathered, and an
+        FSDP2-wrapped model unshards its root parameters (the backbone's FSDP2 units unshard in their own forward). PAL's
+        steps outside `forward` run inside it: the population refresh, [`adapt_users`], encoding new texts, the
+        `mixture_entropy` metric. It does nothing when nothing is sharded (one process, DDP, ZeRO-1/2). Enter it from
+        every process: gathering is collective. Re-entrant.
+        """
+        model = self._pal_model
+        depth = getattr(self, "_full_parameters_depth", 0)
+        if depth:
+            yield
+            return
+        self._full_parameters_depth = depth + 1
+        try:
+            if parameters is None:
+                parameters = [p for name, p in model.named_parameters() if not name.startswith("backbone.")]
+            partitioned = [parameter for parameter in parameters if hasattr(parameter, "ds_id")]
+            if partitioned:  # DeepSpeed ZeRO-3
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                    yield
+            elif _is_fsdp2_module(model) and any(hasattr(parameter, "full_tensor") for parameter in parameters):
+                model.unshard()
+                try:
+                    yield
+                finally:
+                    model.reshard()
+            else:
+                yield
+        finally:
+            self._full_parameters_depth = depth
+
+    def _backbone_is_sharded(self) -> bool:
+        """Whether the backbone's parameters are split across processes (FSDP2 `DTensor`s or ZeRO-3 partitions)."""
+        backbone = self._pal_model.backbone
+        if backbone is None:
+            return False
+        return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in backbone.parameters())
+
+    def _replicate_user_table(self) -> None:
+        """
+        Under FSDP2 the user table is kept whole on every process, in float32, rather than sharded: it is added to the
+        FSDP plugin's ignored modules (so `fully_shard` neither shards nor casts it) and its gradient is averaged across
+        processes by a hook, as FSDP does for the parameters it manages. Rows can then be read and added after
+        training without any collective. ZeRO-3 and a hand-sharded table are handled by [`full_pal_parameters`].
+        """
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if not self.is_fsdp_enabled or plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+            return
+        model = self._pal_model
+        table = model.user_weights
+        weight = table.weight
+        if getattr(weight, "_pal_replicated", False) or hasattr(weight, "full_tensor"):
+            return
+        ignored = plugin.ignored_modules
+        if ignored is None:
+            plugin.ignored_modules = [table]
+        elif isinstance(ignored, str):  # a regular expression over module names, as accelerate reads it
+            plugin.ignored_modules = [m for name, m in model.named_modules() if re.fullmatch(ignored, name)] + [table]
+        else:
+            plugin.ignored_modules = [*ignored, table]
+        table.to(self.accelerator.device)
+        weight = table.weight
+        weight.register_hook(average_across_processes)
+        weight._pal_replicated = True
+        logger.info("FSDP2: the user table is replicated on every process (ignored by `fully_shard`), not sharded.")
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """
+        `Trainer.save_model`. Under DeepSpeed ZeRO-3, once [`adapt_users`] has grown the user table after wrapping (a
+        new table, whole on every process, that ZeRO-3 does not partition and DeepSpeed's consolidated save cannot
+        handle), the weights are gathered here instead, one module at a time as DeepSpeed does.
+        """
+        if not self._user_table_outside_zero3():
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self._save(output_dir, state_dict=self._gathered_state_dict())
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _user_table_outside_zero3(self) -> bool:
+        model = self._pal_model
+        return (
+            self.is_deepspeed_enabled
+            and not hasattr(model.user_weights.weight, "ds_id")
+            and any(hasattr(parameter, "ds_id") for parameter in model.parameters())
+        )
+
+    def _gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The model's full state dict on the saving process (`None` elsewhere), ZeRO-3 partitions gathered module by
+        module. Collective: call it from every process."""
+        import deepspeed
+
+        state_dict = {} if self.args.should_save else None
+        for prefix, module in self._pal_model.named_modules():
+            parameters = dict(module.named_parameters(recurse=False))
+            partitioned = [parameter for parameter in parameters.values() if hasattr(parameter, "ds_id")]
+            with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+                if state_dict is None:
+                    continue
+                key = f"{prefix}." if prefix else ""
+                for name, parameter in parameters.items():
+                    state_dict[key + name] = parameter.detach().cpu().clone()
+                for name, buffer in module.named_buffers(recurse=False):
+                    if buffer is not None and name not in module._non_persistent_buffers_set:
+                        state_dict[key + name] = buffer.detach().cpu().clone()
+        return state_dict
+
+    def _broadcast_user_rows(self, first_row: int, num_rows: int) -> None:
+        """Copies rows of the user table from the main process to every other one, so all end bit-identical."""
+        if self.accelerator.num_processes == 1:
+            return
+        weight = self._pal_model.user_weights.weight
+        with torch.no_grad():
+            rows = weight[first_row : first_row + num_rows].detach().clone().contiguous()
+            torch.distributed.broadcast(rows, src=0)
+            weight[first_row : first_row + num_rows] = rows
 
     def create_model_card(
         self,
@@ -740,8 +864,10 @@ class PalRewardTrainer(RewardTrainer):
         num_users_before = model.num_users
         was_training = model.training
         try:
-            rows = model.add_users(new_users)
-            result = self._fit_new_users(dataset, new_users, rows, steps, learning_rate, prior_strength)
+            with self.full_pal_parameters():
+                rows = model.add_users(new_users)
+                result = self._fit_new_users(dataset, new_users, rows, steps, learning_rate, prior_strength)
+                self._broadcast_user_rows(rows[0], len(new_users))
         except BaseException:
             model.truncate_users(num_users_before)  # all-or-nothing: no half-fitted user stays registered
             raise
@@ -778,9 +904,9 @@ class PalRewardTrainer(RewardTrainer):
             keep = (users >= first_row).nonzero().flatten()
             table = self._feature_table.table
             features = {
-                "chosen": table[_column_tensor(processed, "chosen_index", torch.long)[keep]],
-                "rejected": table[_column_tensor(processed, "rejected_index", torch.long)[keep]],
-                "prompt": table[_column_tensor(processed, "prompt_index", torch.long)[keep]]
+                "chosen": table[_column_tensor(processed, "chosen_index", torch.long)[keep]].float(),
+                "rejected": table[_column_tensor(processed, "rejected_index", torch.long)[keep]].float(),
+                "prompt": table[_column_tensor(processed, "prompt_index", torch.long)[keep]].float()
                 if model.config.variant == "b"
                 else None,
                 "users": users[keep],
@@ -912,6 +1038,36 @@ class PalRewardTrainer(RewardTrainer):
                 "finite. Lower the learning rates, check the data for extreme values, or turn off mixed precision."
             )
         return loss
+
+
+def _check_launch() -> None:
+    """Refuses launches that would train wrongly without saying so."""
+    distributed_state()  # several processes that form no group: an error, not N separate trainings
+    if str_to_bool(os.environ.get("ACCELERATE_USE_FSDP", "false")) and str_to_bool(
+        os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
+    ):
+        raise ValueError(
+            "FSDP's `cpu_ram_efficient_loading` loads the weights on the main process only and expects the others to "
+            "receive them when the model is wrapped, but a PAL model encodes its texts and builds its heads and user "
+            "table before that, on every process. In the accelerate config, set `fsdp_cpu_ram_efficient_loading: "
+            "false` (hub_configs/accelerate/fsdp2.yaml does)."
+        )
+
+
+def average_across_processes(gradient: torch.Tensor) -> torch.Tensor:
+    """The mean of `gradient` over all processes (a gradient hook for a parameter that FSDP leaves replicated)."""
+    gradient = gradient.clone()
+    torch.distributed.all_reduce(gradient)
+    return gradient / torch.distributed.get_world_size()
+
+
+def _is_fsdp2_module(model: torch.nn.Module) -> bool:
+    """Whether `fully_shard` (FSDP2) wrapped `model` itself."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _check_finite(values: torch.Tensor, column: str, dataset_name: str) -> torch.Tensor:

@@ -21,8 +21,9 @@ ALL = (
     "summary",
     "big_backbone",
     "checkpoints",
+    "multi_process",
     "speed",
-)  # speed last and alone: it measures wall time
+)  # the last two alone: they measure wall time
 
 
 def main(argv=None):
