@@ -840,6 +840,22 @@ class PalRewardModel(PalPreTrainedModel):
         classes = _peft_classes()
         return classes is not None and isinstance(self.backbone, classes[0])
 
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """
+        Freezes the backbone (`trainable=False`) or makes it train: the whole backbone, or, when it carries a PEFT
+        adapter, the adapter only (LoRA matrices and PEFT's `modules_to_save`), its base weights staying frozen.
+        PAL's own parameters are left as they are.
+        """
+        if self.backbone is None:
+            if trainable:
+                raise ValueError("This PAL model has no backbone (it scores pooled features); there is nothing to train.")
+            return
+        if self.has_backbone_adapter:
+            for name, parameter in self.backbone.named_parameters():
+                parameter.requires_grad_(trainable and _is_adapter_key(name))
+        else:
+            self.backbone.requires_grad_(trainable)
+
     def add_backbone_adapter(self, peft_config) -> None:
         """
         Puts a PEFT adapter (LoRA or another PEFT method that injects layers) on the backbone, and on the backbone only:

@@ -80,7 +80,7 @@ def test_training_learns_users_and_updates_every_parameter(kind, tmp_path, demo_
     )
     args = make_args(tmp_path, num_train_epochs=25, per_device_train_batch_size=32, learning_rate=3e-3)
     trainer = PalRewardTrainer(model, args, train_dataset=demo_dataset["train"], processing_class=demo_tokenizer)
-    assert model.config.user_ids == list(dict.fromkeys(demo_dataset["train"]["user_id"]))
+    assert model.config.user_ids == sorted(set(demo_dataset["train"]["user_id"]))
     trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert not any(name.startswith("backbone.") for name in trainable)  # frozen by default
     assert {"user_weights.weight", "item_head.layers.0.weight"} <= set(trainable)

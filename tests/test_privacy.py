@@ -26,8 +26,8 @@ from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SALT = "pepper-9d2e61b7"
-SEEN = ["u-7f3a91", "u-c04e2d", "u-5b18e7"]
-LATER = ["u-aa41f0", "u-3e9c77"]  # new users of a second training run
+SEEN = ["u-5b18e7", "u-7f3a91", "u-c04e2d"]  # sorted: the order in which the trainer registers users
+LATER = ["u-3e9c77", "u-aa41f0"]  # new users of a second training run
 UNSEEN = ["u-0d62b5", "u-e81f3c"]  # fitted with adapt_users
 ALL_IDS = SEEN + LATER + UNSEEN
 PROMPTS = ["write a note to the team", "say hello to the group"]
@@ -227,7 +227,7 @@ def test_trainer_pushes_only_hashes_during_and_after_training(model, tokenizer, 
     trainer = PalRewardTrainer(
         model, args, train_dataset=comparisons(SEEN), processing_class=tokenizer, user_id_salt=SALT
     )
-    assert model.config.user_ids == hashed(SEEN)  # hashed before anything is saved
+    assert model.config.user_ids == hashed(sorted(SEEN))  # hashed before anything is saved (sorted: trainer order)
     trainer.train()
     trainer.save_state()
     trainer.push_to_hub(dataset_name="org/private-comparisons")
@@ -238,8 +238,8 @@ def test_trainer_pushes_only_hashes_during_and_after_training(model, tokenizer, 
     assert any(name.endswith("model.safetensors") for name in names)
     hub.assert_holds_none_of(SEEN + [SALT])
     final = json.loads((hub.uploads[-1] / "config.json").read_text())
-    assert final["user_ids"] == hashed(SEEN)
-    assert model.user_rows(SEEN).tolist() == [0, 1, 2]  # raw ids still work on the trained model
+    assert final["user_ids"] == hashed(sorted(SEEN))
+    assert model.user_rows(sorted(SEEN)).tolist() == [0, 1, 2]  # raw ids still work on the trained model
 
 
 def test_trainer_refuses_to_push_without_salt(model, tokenizer, hub, tmp_path):
@@ -251,7 +251,7 @@ def test_trainer_refuses_to_push_without_salt(model, tokenizer, hub, tmp_path):
     trainer = PalRewardTrainer(model, make_args(tmp_path), train_dataset=comparisons(SEEN), processing_class=tokenizer)
     with pytest.raises(ValueError, match="needs a salt"):
         trainer.push_to_hub()
-    assert hub.uploads == [] and model.config.user_ids == SEEN
+    assert hub.uploads == [] and model.config.user_ids == sorted(SEEN)
 
 
 def test_trainer_uploads_raw_ids_only_when_asked(model, tokenizer, hub, tmp_path, caplog):

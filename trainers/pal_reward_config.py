@@ -14,8 +14,10 @@ class PalRewardConfig(RewardConfig):
         user_column (`str`, *optional*, defaults to `"user_id"`):
             Column of the preference dataset that names the user of each comparison.
         train_backbone (`bool`, *optional*, defaults to `False`):
-            Train the backbone too. When `False` (the paper's setting) the backbone is frozen, every unique text is
-            encoded once and the heads are trained on cached features.
+            The one setting that picks how the backbone is used. `False` (the paper's setting): the backbone is frozen,
+            every unique text is encoded once and the heads are trained on cached features. `True`: PAL trains on
+            tokens and the backbone trains with it: its PEFT adapter only when it has one (`peft_config=` of the
+            trainer, or `model.add_backbone_adapter`), its base weights frozen; otherwise the whole backbone.
         embedding_cache_dir (`str`, *optional*):
             Folder where the frozen-backbone features are kept between runs (one safetensors file per backbone, written
             atomically by the main process; with several machines, a folder they all see). `None`: in memory only.
@@ -26,10 +28,11 @@ class PalRewardConfig(RewardConfig):
             `embedding_cache_dir`): `"float32"`, or `"float16"` / `"bfloat16"` for half the memory. Features are
             computed in float32, stored once in this dtype and given to the heads as float32; a feature that overflows
             `float16` is an error.
-        backbone_learning_rate, head_learning_rate, prototype_learning_rate, user_learning_rate,
-        logit_scale_learning_rate (`float`, *optional*):
-            Learning rates of the parameter groups: the backbone, the item map `f` and PAL-B's prototype maps, PAL-A's
-            prototype points, the user mixture logits and the cosine logit scale. `None`: `learning_rate`.
+        backbone_learning_rate, adapter_learning_rate, head_learning_rate, prototype_learning_rate,
+        user_learning_rate, logit_scale_learning_rate (`float`, *optional*):
+            Learning rates of the parameter groups: the backbone (full fine-tuning), the backbone's PEFT adapter (LoRA;
+            its base weights stay frozen), the item map `f` and PAL-B's prototype maps, PAL-A's prototype points, the
+            user mixture logits and the cosine logit scale. `None`: `learning_rate`.
         loss_type (`str`, *optional*, defaults to `"sigmoid"`):
             `"sigmoid"`: the Bradley-Terry negative log-likelihood on reward differences; `"hinge"`: the hinge variant.
         norm_bound (`float`, *optional*):
@@ -75,6 +78,10 @@ class PalRewardConfig(RewardConfig):
     )
     backbone_learning_rate: float | None = field(
         default=1e-5, metadata={"help": "Learning rate of the backbone (when `train_backbone`)."}
+    )
+    adapter_learning_rate: float | None = field(
+        default=1e-4,
+        metadata={"help": "Learning rate of the backbone's PEFT adapter (LoRA), when it has one and `train_backbone`."},
     )
     head_learning_rate: float | None = field(
         default=None,

@@ -12,14 +12,15 @@ import pyarrow as pa
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import str_to_bool
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.data.data_collator import DataCollatorMixin
 from transformers.trainer import TRAINING_ARGS_NAME
 from trl import RewardTrainer
 from trl.data_utils import extract_prompt
-from trl.trainer.utils import pad
+from trl.models import get_act_offloading_ctx_manager
+from trl.trainer.utils import disable_dropout_in_model, pad
 
 from pal_rm.cache import EmbeddingCache, FeatureTable, distributed_state, resolve_feature_dtype, text_key
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
@@ -160,23 +161,49 @@ class PalRewardTrainer(RewardTrainer):
         optimizers=(None, None),
         optimizer_cls_and_kwargs=None,
         preprocess_logits_for_metrics=None,
+        quantization_config=None,
+        peft_config=None,
         embedding_cache: EmbeddingCache | None = None,
         user_id_salt: str | None = None,
     ):
-        if isinstance(model, str):
-            model = PalRewardModel.from_pretrained(model)
-        if not isinstance(model, PalRewardModel):
-            raise TypeError(
-                f"`model` must be a `PalRewardModel` (or the path of a saved one), got {type(model).__name__}. Build one "
-                "with `PalRewardModel.from_backbone(name_or_path, ...)`."
-            )
         if args is None:
             args = PalRewardConfig("pal-reward-model")
         elif not isinstance(args, PalRewardConfig):
             raise TypeError(f"`args` must be a `PalRewardConfig`, got {type(args).__name__}.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
+        for name, dataset in [("train", train_dataset)] + list(
+            eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval", eval_dataset)]
+        ):
+            _check_map_style(dataset, name)
         _check_launch()
+        model_init_kwargs = args.model_init_kwargs
+        if isinstance(model, str):
+            if quantization_config is not None:
+                raise ValueError(
+                    "`quantization_config` quantizes a backbone, not a saved PAL model (whose heads and user table must "
+                    "stay float32). Build the model with `PalRewardModel.from_backbone(name, quantization_config=...)` "
+                    "and pass it to the trainer."
+                )
+            model = PalRewardModel.from_pretrained(model, **(model_init_kwargs or {}))
+            model_init_kwargs = None  # used here: RewardTrainer would warn that they are ignored
+        elif quantization_config is not None:
+            raise ValueError(
+                "`quantization_config` applies when the trainer loads the model; this one is built already. Pass it to "
+                "`PalRewardModel.from_backbone(name, quantization_config=...)` instead."
+            )
+        if not isinstance(model, PalRewardModel):
+            raise TypeError(
+                f"`model` must be a `PalRewardModel` (or the path of a saved one), got {type(model).__name__}. Build one "
+                "with `PalRewardModel.from_backbone(name_or_path, ...)`; a LoRA adapter goes on its backbone with "
+                "`peft_config=` (or `model.add_backbone_adapter`), never around the whole PAL model."
+            )
+        if args.chat_template_path is not None and not str(args.chat_template_path).endswith((".jinja", ".j2")):
+            raise ValueError(
+                "`chat_template_path` may only name a `.jinja`/`.j2` template file for a PAL model: cloning another "
+                "tokenizer's chat template adds tokens and resizes the backbone's embeddings, which a PAL model's "
+                "framing and feature cache do not follow. Save the template to a .jinja file and pass that."
+            )
 
         # The salt maps raw user ids to a hashed registry. It stays in memory: never in `args` (uploaded as
         # `training_args.bin`) nor in any other file.
@@ -187,17 +214,17 @@ class PalRewardTrainer(RewardTrainer):
             self._hash_user_ids_for_upload(model, args)
 
         if model.backbone is not None:
-            if processing_class is None:
-                processing_class = AutoTokenizer.from_pretrained(model.config.get_text_config()._name_or_path)
-            if processing_class.pad_token is None:
-                processing_class.pad_token = processing_class.eos_token
-            if processing_class.pad_token is None:
-                raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
-            model.register_tokenizer(processing_class)
-            model.config.get_text_config().pad_token_id = processing_class.pad_token_id
-            model.backbone.requires_grad_(args.train_backbone)
-        elif args.train_backbone:
-            raise ValueError("`train_backbone=True` needs a model with a backbone; this one takes pooled features.")
+            processing_class = self._prepare_tokenizer(model, processing_class, args)
+            self._set_backbone_trainable(model, args, peft_config)
+        elif args.train_backbone or peft_config is not None:
+            raise ValueError(
+                "`train_backbone=True` and `peft_config` need a model with a backbone; this one takes pooled features."
+            )
+        if model.config.head_dropout > 0 and args.disable_dropout:
+            logger.warning(
+                f"`disable_dropout=True` (TRL's default) turns off the heads' dropout (`head_dropout="
+                f"{model.config.head_dropout}`) along with the backbone's; set `disable_dropout=False` to keep it."
+            )
 
         self._pal_model = model
         self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir, dtype=args.feature_dtype)
@@ -206,19 +233,10 @@ class PalRewardTrainer(RewardTrainer):
         self._current_eval_prefix = "eval"
         self._eval_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-        # Users of the training data are registered before any optimizer sees the user table.
+        # Users of the training data are registered before any optimizer sees the user table, in sorted order: the
+        # same users give the same rows whatever the order of the data (a checkpoint resumes by user id).
         self.train_users = self._users_of(train_dataset, args, "train")
-        model.add_users(self.train_users)
-
-        # Every process prepares the datasets at once: the texts to encode are split across processes and gathered.
-        train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {
-                name: self._prepare_dataset(dataset, processing_class, args, name)
-                for name, dataset in eval_dataset.items()
-            }
-        elif eval_dataset is not None:
-            eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval")
+        model.add_users(sorted(self.train_users))
 
         if data_collator is None:
             data_collator = DataCollatorForPersonalizedPreference(
@@ -227,30 +245,121 @@ class PalRewardTrainer(RewardTrainer):
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
 
-        # RewardTrainer.__init__ loads models, tokenizers and PEFT adapters for sequence classifiers; a PAL model is
-        # built by the caller, so go straight to the base trainer and set what RewardTrainer sets afterwards.
-        super(RewardTrainer, self).__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-        )
+        # RewardTrainer's own set-up, on the PAL model built above: its dataset rules, seed, `eos_token`/`pad_token`,
+        # `.jinja` chat template, `disable_dropout`, activation offloading, metrics and tags all apply. The datasets
+        # are prepared by `_prepare_dataset` below (every process at once: the texts to encode are split across
+        # processes and gathered). The PEFT adapter is already on the backbone, so RewardTrainer gets no
+        # `peft_config` (it would wrap the whole PAL model).
+        trainer_kwargs = {
+            "model": model,
+            "args": args,
+            "data_collator": data_collator,
+            "train_dataset": train_dataset,
+            "eval_dataset": eval_dataset,
+            "processing_class": processing_class,
+            "compute_metrics": compute_metrics,
+            "callbacks": callbacks,
+            "optimizers": optimizers,
+            "optimizer_cls_and_kwargs": optimizer_cls_and_kwargs,
+            "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+        }
+        saved_model_init_kwargs, args.model_init_kwargs = args.model_init_kwargs, model_init_kwargs
+        try:
+            if processing_class is not None:
+                super().__init__(**trainer_kwargs)
+            else:
+                self._init_without_tokenizer(**trainer_kwargs)
+        finally:
+            args.model_init_kwargs = saved_model_init_kwargs
+        if args.push_to_hub and not args.hash_user_ids:
+            self._warn_raw_user_ids()
+
+    def _init_without_tokenizer(self, **trainer_kwargs) -> None:
+        """
+        RewardTrainer's set-up for a model without a backbone (it scores pooled features, so there is no tokenizer,
+        which `RewardTrainer.__init__` needs for its pad and EOS tokens): the same steps, those about tokens left out.
+        `tests/test_reward_config_contract.py` checks that both paths honour every `RewardConfig` field.
+        """
+        args, model = trainer_kwargs["args"], trainer_kwargs["model"]
+        for name in ("eos_token", "pad_token", "chat_template_path"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"`{name}` applies to a tokenizer, and this PAL model (pooled features) has none.")
+        set_seed(args.seed)
+        if args.disable_dropout:
+            disable_dropout_in_model(model)
+        trainer_kwargs["train_dataset"] = self._prepare_dataset(trainer_kwargs["train_dataset"], None, args, "train")
+        eval_dataset = trainer_kwargs["eval_dataset"]
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._prepare_dataset(data, None, args, name) for name, data in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._prepare_dataset(eval_dataset, None, args, "eval")
+        trainer_kwargs["eval_dataset"] = eval_dataset
+        Trainer.__init__(self, **trainer_kwargs)
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{type(self).__name__} does not support `nn.DataParallel`: launch with `accelerate launch` or "
+                "`torchrun`, or make one GPU visible with `CUDA_VISIBLE_DEVICES`."
+            )
         self.can_return_loss = True
         self.label_names = []
-        self.maybe_activation_offload_context = contextlib.nullcontext()
+        if args.activation_offloading:
+            self.maybe_activation_offload_context = get_act_offloading_ctx_manager(model=self.model)
+        else:
+            self.maybe_activation_offload_context = contextlib.nullcontext()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0
         self._tp_size = 1
         self.model.add_model_tags(self._tag_names)
-        if args.push_to_hub and not args.hash_user_ids:
-            self._warn_raw_user_ids()
+
+    @staticmethod
+    def _prepare_tokenizer(model: PalRewardModel, processing_class, args: PalRewardConfig):
+        """The tokenizer with `args.eos_token` / `args.pad_token` applied (as RewardTrainer applies them), registered
+        with the model as its canonical text form."""
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model.config.get_text_config()._name_or_path)
+        for name in ("eos_token", "pad_token"):
+            token = getattr(args, name)
+            if token is not None and token not in processing_class.get_vocab():
+                raise ValueError(
+                    f"`{name}={token!r}` is not in the vocabulary of the tokenizer ({type(processing_class).__name__})."
+                )
+        if args.eos_token is not None:
+            processing_class.eos_token = args.eos_token
+        pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
+        if pad_token is None:
+            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
+        processing_class.pad_token = pad_token
+        model.register_tokenizer(processing_class)
+        model.config.get_text_config().pad_token_id = processing_class.pad_token_id
+        return processing_class
+
+    @staticmethod
+    def _set_backbone_trainable(model: PalRewardModel, args: PalRewardConfig, peft_config) -> None:
+        """
+        What of the backbone trains. `train_backbone=False`: nothing (frozen features, cached). `train_backbone=True`:
+        the whole backbone, or, when it carries a PEFT adapter (from `peft_config` or loaded with the model), the
+        adapter only, its base weights frozen. The trainable parameters are logged.
+        """
+        if peft_config is not None:
+            if not args.train_backbone:
+                raise ValueError(
+                    "`peft_config` puts a LoRA (PEFT) adapter on the backbone to train it on tokens, which needs "
+                    "`train_backbone=True`. Set it, or drop `peft_config` to train the heads on frozen features."
+                )
+            model.add_backbone_adapter(peft_config)
+        model.set_backbone_trainable(args.train_backbone)
+        trainable = {"backbone": 0, "pal": 0}
+        total = 0
+        for name, parameter in model.named_parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                trainable["backbone" if name.startswith("backbone.") else "pal"] += parameter.numel()
+        what = "adapter" if model.has_backbone_adapter else "backbone"
+        logger.info(
+            f"Trainable parameters: {trainable['backbone']:,} in the {what} + {trainable['pal']:,} in PAL's heads, "
+            f"prototypes, user table and logit scale = {sum(trainable.values()):,} of {total:,} "
+            f"({100 * sum(trainable.values()) / max(total, 1):.4f}%)."
+        )
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -330,7 +439,9 @@ class PalRewardTrainer(RewardTrainer):
                 f"The {dataset_name} dataset holds texts but this PAL model has no backbone; give it pooled features "
                 "(`chosen_features`, `rejected_features`, `prompt_features` columns) or use a model with a backbone."
             )
-        prompts, items_chosen, items_rejected = self._format_texts(dataset, processing_class, dataset_name)
+        prompts, items_chosen, items_rejected = self._format_texts(
+            dataset, processing_class, dataset_name, args.dataset_num_proc
+        )
         use_prompts = model.config.variant == "b"
 
         if not args.train_backbone:
@@ -399,10 +510,12 @@ class PalRewardTrainer(RewardTrainer):
                 model.to(device)
         return rows
 
-    def _format_texts(self, dataset, processing_class, dataset_name) -> tuple[list[str], list[str], list[str]]:
+    def _format_texts(
+        self, dataset, processing_class, dataset_name, num_proc: int | None = None
+    ) -> tuple[list[str], list[str], list[str]]:
         """`(prompts, chosen items, rejected items)` as the backbone reads them (`format_preference_texts`); raises on
-        missing columns, empty or ill-typed texts and rows whose two responses are the same, naming the rows."""
-        model = self._pal_model
+        missing columns, empty or ill-typed texts and rows whose two responses are the same, naming the rows. With
+        `num_proc` (`args.dataset_num_proc`) the rows are formatted by that many processes (`Dataset.map`)."""
         columns = dataset.column_names
         for column in ("chosen", "rejected"):
             if column not in columns:
@@ -410,23 +523,29 @@ class PalRewardTrainer(RewardTrainer):
                     f"The {dataset_name} dataset has no {column!r} column (columns: {columns}). PAL trains on TRL "
                     "preference data: `prompt` (optional), `chosen`, `rejected` and a user column."
                 )
-        prompts, items_chosen, items_rejected = [], [], []
-        for row, example in enumerate(dataset):
-            if "prompt" not in example and model.config.variant == "b":
-                if not isinstance(example["chosen"], (str, list)) or not isinstance(example["rejected"], (str, list)):
-                    raise ValueError(f"Row {row} of the {dataset_name} dataset: `chosen`/`rejected` must be texts.")
-                example = {**example, **extract_prompt(example)}
-            prompt = example.get("prompt") or ""
-            if model.config.variant == "b" and not prompt:
-                raise ValueError(
-                    f"Row {row} of the {dataset_name} dataset has no prompt; PAL-B's ideal points depend on the "
-                    "prompt. Add a `prompt` column (or use PAL-A)."
-                )
-            prompt_text, chosen_text = format_preference_texts(processing_class, prompt, example["chosen"], row=row)
-            _, rejected_text = format_preference_texts(processing_class, prompt, example["rejected"], row=row)
-            prompts.append(prompt_text)
-            items_chosen.append(chosen_text)
-            items_rejected.append(rejected_text)
+        keep = [column for column in ("prompt", "chosen", "rejected") if column in columns]
+        kwargs = {"processing_class": processing_class, "variant": self._pal_model.config.variant}
+        kwargs["dataset_name"] = dataset_name
+        if num_proc is not None and num_proc > 1 and len(dataset) > 1:
+            formatted = dataset.select_columns(keep).map(
+                _format_row,
+                with_indices=True,
+                fn_kwargs=kwargs,
+                num_proc=min(num_proc, len(dataset)),
+                remove_columns=keep,
+                desc=f"Formatting the {dataset_name} dataset",
+                load_from_cache_file=False,
+            )
+            prompts, items_chosen, items_rejected = (
+                _column_list(formatted, name) for name in ("pal_prompt", "pal_chosen", "pal_rejected")
+            )
+        else:
+            prompts, items_chosen, items_rejected = [], [], []
+            for row, example in enumerate(dataset.select_columns(keep)):
+                texts = _format_row(example, row, **kwargs)
+                prompts.append(texts["pal_prompt"])
+                items_chosen.append(texts["pal_chosen"])
+                items_rejected.append(texts["pal_rejected"])
         same = torch.tensor([c == r for c, r in zip(items_chosen, items_rejected)], dtype=torch.bool)
         _check_distinct(same, dataset_name, "the same chosen and rejected response")
         return prompts, items_chosen, items_rejected
@@ -437,12 +556,14 @@ class PalRewardTrainer(RewardTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self, model: torch.nn.Module | None = None) -> list[dict]:
-        """Parameter groups with their own learning rates: backbone, heads, prototypes, user weights, logit scale."""
+        """Parameter groups with their own learning rates: backbone (or its adapter), heads, prototypes, user weights,
+        logit scale."""
         model = model if model is not None else self.model
         args = self.args
         decay_names = set(self.get_decay_parameter_names(model))
         rates = {
             "backbone": args.backbone_learning_rate,
+            "adapter": args.adapter_learning_rate,
             "heads": args.head_learning_rate,
             "prototypes": args.prototype_learning_rate,
             "user_weights": args.user_learning_rate,
@@ -454,7 +575,7 @@ class PalRewardTrainer(RewardTrainer):
             if not parameter.requires_grad and (sparse_table is None or parameter is not sparse_table.table):
                 continue
             if name.startswith("backbone."):
-                group = "backbone"
+                group = "adapter" if self._pal_model.has_backbone_adapter else "backbone"
             elif name.startswith("user_weights."):
                 group = "user_weights"
             elif name == "prototypes":
@@ -463,7 +584,7 @@ class PalRewardTrainer(RewardTrainer):
                 group = "logit_scale"
             else:
                 group = "heads"
-            decay = name in decay_names and group in ("backbone", "heads")
+            decay = name in decay_names and group in ("backbone", "adapter", "heads")
             grouped[(group, decay)].append(parameter)
         return [
             {
@@ -884,7 +1005,9 @@ class PalRewardTrainer(RewardTrainer):
             user_index = model.user_rows(_column_list(dataset, args.user_column), unknown_users="population")
             keep = (user_index >= first_row).nonzero().flatten().tolist()
             dataset = dataset.select(keep)
-            prompts, chosen, rejected = self._format_texts(dataset, self.processing_class, "adaptation")
+            prompts, chosen, rejected = self._format_texts(
+                dataset, self.processing_class, "adaptation", args.dataset_num_proc
+            )
             texts = list(dict.fromkeys(chosen + rejected + (prompts if model.config.variant == "b" else [])))
             table = model.encode_texts(
                 self.processing_class,
@@ -1068,6 +1191,38 @@ def _is_fsdp2_module(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def _format_row(example: dict, row: int, processing_class, variant: str, dataset_name: str) -> dict[str, str]:
+    """One preference row as the backbone reads it: `{"pal_prompt", "pal_chosen", "pal_rejected"}` texts."""
+    if "prompt" not in example and variant == "b":
+        if not isinstance(example["chosen"], (str, list)) or not isinstance(example["rejected"], (str, list)):
+            raise ValueError(f"Row {row} of the {dataset_name} dataset: `chosen`/`rejected` must be texts.")
+        example = {**example, **extract_prompt(example)}
+    prompt = example.get("prompt") or ""
+    if variant == "b" and not prompt:
+        raise ValueError(
+            f"Row {row} of the {dataset_name} dataset has no prompt; PAL-B's ideal points depend on the prompt. Add a "
+            "`prompt` column (or use PAL-A)."
+        )
+    prompt_text, chosen_text = format_preference_texts(processing_class, prompt, example["chosen"], row=row)
+    _, rejected_text = format_preference_texts(processing_class, prompt, example["rejected"], row=row)
+    return {"pal_prompt": prompt_text, "pal_chosen": chosen_text, "pal_rejected": rejected_text}
+
+
+def _check_map_style(dataset, name: str) -> None:
+    """Refuses an `IterableDataset` (streamed data) and anything that is not a `datasets.Dataset`, saying what to do."""
+    if dataset is None:
+        return
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"The {name} dataset is an `IterableDataset` (streamed). PAL needs the whole dataset before training: it "
+            "registers every user in the user table before the optimizer is built and encodes each unique text once. "
+            "Load it without `streaming=True`, or materialise it with `Dataset.from_generator(lambda: "
+            "(yield from iterable_dataset), features=iterable_dataset.features)`."
+        )
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"The {name} dataset must be a `datasets.Dataset`, got {type(dataset).__name__}.")
 
 
 def _check_finite(values: torch.Tensor, column: str, dataset_name: str) -> torch.Tensor:
