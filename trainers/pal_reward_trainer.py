@@ -316,7 +316,9 @@ class PalRewardTrainer(RewardTrainer):
         """The tokenizer with `args.eos_token` / `args.pad_token` applied (as RewardTrainer applies them), registered
         with the model as its canonical text form."""
         if processing_class is None:
-            processing_class = AutoTokenizer.from_pretrained(model.config.get_text_config()._name_or_path)
+            processing_class = AutoTokenizer.from_pretrained(
+                model.config.get_text_config()._name_or_path, trust_remote_code=args.trust_remote_code
+            )
         for name in ("eos_token", "pad_token"):
             token = getattr(args, name)
             if token is not None and token not in processing_class.get_vocab():
@@ -329,6 +331,9 @@ class PalRewardTrainer(RewardTrainer):
         if pad_token is None:
             raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
         processing_class.pad_token = pad_token
+        if args.eos_token is not None and model.num_users == 0:
+            # A model not trained yet (`from_backbone` recorded its backbone's tokenizer): this run chooses the EOS.
+            model.config.sequence_framing = None
         model.register_tokenizer(processing_class)
         model.config.get_text_config().pad_token_id = processing_class.pad_token_id
         return processing_class
