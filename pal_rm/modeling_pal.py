@@ -848,7 +848,9 @@ class PalRewardModel(PalPreTrainedModel):
         """
         if self.backbone is None:
             if trainable:
-                raise ValueError("This PAL model has no backbone (it scores pooled features); there is nothing to train.")
+                raise ValueError(
+                    "This PAL model has no backbone (it scores pooled features); there is nothing to train."
+                )
             return
         if self.has_backbone_adapter:
             for name, parameter in self.backbone.named_parameters():

@@ -123,7 +123,10 @@ def test_eos_and_pad_tokens_reach_the_text_form(backbone_path, tmp_path):
     assert model.config.sequence_framing["eos_token_id"] == tokenizer.convert_tokens_to_ids("[UNK]")
     with pytest.raises(ValueError, match="not in the vocabulary"):
         PalRewardTrainer(
-            build(backbone_path), make_args(tmp_path, eos_token="<nope>"), train_dataset=data(), processing_class=tokenizer
+            build(backbone_path),
+            make_args(tmp_path, eos_token="<nope>"),
+            train_dataset=data(),
+            processing_class=tokenizer,
         )
 
 
@@ -180,7 +183,9 @@ def test_model_init_kwargs_and_trust_remote_code(backbone_path, tokenizer, tmp_p
 
 
 def test_dataset_num_proc_formats_the_same_rows(backbone_path, tokenizer, tmp_path):
-    single = PalRewardTrainer(build(backbone_path), make_args(tmp_path), train_dataset=data(), processing_class=tokenizer)
+    single = PalRewardTrainer(
+        build(backbone_path), make_args(tmp_path), train_dataset=data(), processing_class=tokenizer
+    )
     several = PalRewardTrainer(
         build(backbone_path), make_args(tmp_path, dataset_num_proc=2), train_dataset=data(), processing_class=tokenizer
     )
@@ -233,7 +238,9 @@ def test_activation_offloading_wraps_training_steps(backbone_path, tokenizer, tm
             return False
 
     monkeypatch.setattr(trl.trainer.reward_trainer, "get_act_offloading_ctx_manager", lambda model: Counting())
-    plain = PalRewardTrainer(build(backbone_path), make_args(tmp_path), train_dataset=data(), processing_class=tokenizer)
+    plain = PalRewardTrainer(
+        build(backbone_path), make_args(tmp_path), train_dataset=data(), processing_class=tokenizer
+    )
     assert isinstance(plain.maybe_activation_offload_context, contextlib.nullcontext)
     offloading = PalRewardTrainer(
         build(backbone_path),

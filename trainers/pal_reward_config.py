@@ -60,7 +60,9 @@ class PalRewardConfig(RewardConfig):
     > Defaults that differ from [`~trl.RewardConfig`]: `gradient_checkpointing=False` and `bf16=False` (the default
     > frozen backbone trains small heads on cached features, where neither helps), `max_length=None` (sequences are
     > truncated from the left to the backbone's limit instead of being dropped), `learning_rate=1e-3`,
-    > `num_train_epochs=20`, `per_device_train_batch_size=64` and `report_to="none"`.
+    > `num_train_epochs=20`, `per_device_train_batch_size=64`, `report_to="none"`, `save_strategy="no"` and
+    > `save_total_limit=2` (checkpoints of a LoRA or fully trained 7B backbone are large; a frozen backbone's only hold PAL's weights and a
+    > reference to the backbone).
     """
 
     user_column: str = field(default="user_id", metadata={"help": "Column that names the user of each comparison."})
@@ -81,7 +83,9 @@ class PalRewardConfig(RewardConfig):
     )
     adapter_learning_rate: float | None = field(
         default=1e-4,
-        metadata={"help": "Learning rate of the backbone's PEFT adapter (LoRA), when it has one and `train_backbone`."},
+        metadata={
+            "help": "Learning rate of the backbone's PEFT adapter (LoRA), when it has one and `train_backbone`."
+        },
     )
     head_learning_rate: float | None = field(
         default=None,
@@ -132,6 +136,13 @@ class PalRewardConfig(RewardConfig):
     )
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint saving strategy."})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "Checkpoints kept in output_dir (the oldest are deleted; the best one is kept with "
+            "`load_best_model_at_end`). None: all."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()

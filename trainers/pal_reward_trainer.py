@@ -2,6 +2,7 @@
 """`PalRewardTrainer`: TRL's `RewardTrainer` for personalized PAL reward models."""
 
 import contextlib
+import json
 import os
 import re
 from collections import defaultdict
@@ -16,7 +17,9 @@ from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.data.data_collator import DataCollatorMixin
-from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import CONFIG_NAME
 from trl import RewardTrainer
 from trl.data_utils import extract_prompt
 from trl.models import get_act_offloading_ctx_manager
@@ -215,11 +218,15 @@ class PalRewardTrainer(RewardTrainer):
 
         if model.backbone is not None:
             processing_class = self._prepare_tokenizer(model, processing_class, args)
-            self._set_backbone_trainable(model, args, peft_config)
+            self.trainable_parameters_summary = self._set_backbone_trainable(model, args, peft_config)
         elif args.train_backbone or peft_config is not None:
             raise ValueError(
                 "`train_backbone=True` and `peft_config` need a model with a backbone; this one takes pooled features."
             )
+        else:
+            trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+            self.trainable_parameters_summary = f"Trainable parameters: {trainable:,} (PAL's heads and user table)."
+            logger.info(self.trainable_parameters_summary)
         if model.config.head_dropout > 0 and args.disable_dropout:
             logger.warning(
                 f"`disable_dropout=True` (TRL's default) turns off the heads' dropout (`head_dropout="
@@ -339,7 +346,7 @@ class PalRewardTrainer(RewardTrainer):
         return processing_class
 
     @staticmethod
-    def _set_backbone_trainable(model: PalRewardModel, args: PalRewardConfig, peft_config) -> None:
+    def _set_backbone_trainable(model: PalRewardModel, args: PalRewardConfig, peft_config) -> str:
         """
         What of the backbone trains. `train_backbone=False`: nothing (frozen features, cached). `train_backbone=True`:
         the whole backbone, or, when it carries a PEFT adapter (from `peft_config` or loaded with the model), the
@@ -360,11 +367,13 @@ class PalRewardTrainer(RewardTrainer):
             if parameter.requires_grad:
                 trainable["backbone" if name.startswith("backbone.") else "pal"] += parameter.numel()
         what = "adapter" if model.has_backbone_adapter else "backbone"
-        logger.info(
+        summary = (
             f"Trainable parameters: {trainable['backbone']:,} in the {what} + {trainable['pal']:,} in PAL's heads, "
             f"prototypes, user table and logit scale = {sum(trainable.values()):,} of {total:,} "
             f"({100 * sum(trainable.values()) / max(total, 1):.4f}%)."
         )
+        logger.info(summary)
+        return summary
 
     # ------------------------------------------------------------------ data
     @staticmethod
@@ -749,16 +758,27 @@ class PalRewardTrainer(RewardTrainer):
             eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
 
-    def train(self, *args, **kwargs):
-        """Trains, then sets the model's population mixture to the mean mixture of the training users. The user table
-        gets per-batch (sparse) updates unless `args.user_table_update` or the setup rules them out."""
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """
+        Trains, then sets the model's population mixture to the mean mixture of the training users. The user table
+        gets per-batch (sparse) updates unless `args.user_table_update` or the setup rules them out.
+
+        `resume_from_checkpoint` (a checkpoint folder, or `True` for the last one in `output_dir`) resumes as
+        `Trainer.train` does, after checking that the checkpoint's user registry is this run's: users are registered
+        in sorted order, so the same users in any data order get the same rows; other users are an error, never rows
+        handed to the wrong users.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self._last_complete_checkpoint()
+        if resume_from_checkpoint:
+            self._check_checkpoint_registry(resume_from_checkpoint)
         self._replicate_user_table()
         self._sparse_user_table = self._sparse_user_table_update()
         if self._sparse_user_table is not None:
             self._sparse_user_table.attach()
             self.add_callback(self._sparse_user_table)
         try:
-            output = super().train(*args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if self._sparse_user_table is not None:
                 self.remove_callback(self._sparse_user_table)
@@ -768,6 +788,63 @@ class PalRewardTrainer(RewardTrainer):
         with self.full_pal_parameters():
             model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
         return output
+
+    def _last_complete_checkpoint(self) -> str:
+        """
+        The last checkpoint of `output_dir` that was written to the end (its `trainer_state.json`, written last, reads
+        back), for `resume_from_checkpoint=True`. A checkpoint cut short by a killed run is skipped, with a warning.
+        """
+        output_dir = self.args.output_dir
+        checkpoints = []
+        if os.path.isdir(output_dir):
+            checkpoints = [
+                os.path.join(output_dir, name)
+                for name in os.listdir(output_dir)
+                if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name)
+                and os.path.isdir(os.path.join(output_dir, name))
+            ]
+        checkpoints.sort(key=lambda path: int(path.rsplit("-", 1)[1]), reverse=True)
+        for checkpoint in checkpoints:
+            try:
+                with open(os.path.join(checkpoint, TRAINER_STATE_NAME), encoding="utf-8") as file:
+                    json.load(file)
+            except (OSError, ValueError):
+                logger.warning(f"{checkpoint} was not written to the end (a run stopped while saving it); skipped.")
+                continue
+            return checkpoint
+        raise ValueError(
+            f"`resume_from_checkpoint=True` but {output_dir} holds no complete checkpoint ({PREFIX_CHECKPOINT_DIR}-N "
+            "folder with a trainer_state.json). Train without resuming, or name a checkpoint folder."
+        )
+
+    def _check_checkpoint_registry(self, checkpoint: str) -> None:
+        """Raises unless the checkpoint to resume from registers the same users, in the same rows, as this run."""
+        path = os.path.join(checkpoint, CONFIG_NAME)
+        if not os.path.isfile(path):
+            return  # Trainer says what is wrong with the folder
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file).get("user_ids")
+        if saved is None:
+            raise ValueError(
+                f"{checkpoint} holds no PAL user registry (`user_ids` in its config.json): it is not a checkpoint of a "
+                "PAL model, and cannot be resumed by `PalRewardTrainer`."
+            )
+        current = list(self._pal_model.config.user_ids)
+        if saved == current:
+            return
+        missing, extra = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
+        if not missing and not extra:
+            problem = "the same users in other rows (the model came with users registered in another order)"
+        else:
+            problem = (
+                f"{len(missing)} users of the checkpoint that this run does not have (e.g. {missing[:3]}) and "
+                f"{len(extra)} users this run has that the checkpoint does not (e.g. {extra[:3]})"
+            )
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its user table rows belong to other users than this run's; it has "
+            f"{problem}. Resume with the training data (and model) the checkpoint was trained with; loading it "
+            "anyway would give users each other's weights."
+        )
 
     # ------------------------------------------------------------------ several processes
     @contextlib.contextmanager

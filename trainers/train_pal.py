@@ -43,8 +43,9 @@ from typing import Any
 
 from datasets import DatasetDict
 from transformers import AutoTokenizer, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
-from trl import TrlParser
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from pal_rm import PalRewardModel
 from pal_rm.hub import resolve_user_id_salt
@@ -121,8 +122,13 @@ class PalScriptArguments:
 
 
 @dataclass
-class PalModelArguments:
-    """The PAL model: backbone and heads (see `PalConfig`)."""
+class PalModelArguments(ModelConfig):
+    """
+    The PAL model: TRL's `ModelConfig` for the backbone (`model_name_or_path`, `model_revision`, `dtype`,
+    `attn_implementation`, 4/8-bit loading, and LoRA: `use_peft`, `lora_r`, `lora_alpha`, `lora_dropout`,
+    `lora_target_modules`, `lora_modules_to_save`, `use_rslora`, `use_dora`), plus PAL's heads (see `PalConfig`).
+    LoRA goes on the backbone only and trains on tokens, so `--use_peft` needs `--train_backbone true`.
+    """
 
     model_name_or_path: str = field(
         default=MINILM,
@@ -130,6 +136,17 @@ class PalModelArguments:
             "help": "Backbone: a Hub id, a folder, or 'packaged:<package>/<folder>' (default: packaged MiniLM)."
         },
     )
+    lora_task_type: str | None = field(
+        default=None, metadata={"help": "Ignored by PAL: the adapter goes on the backbone, whatever its task type."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # TRL turns one module name into a string, which PEFT reads as a regular expression over full module names:
+        # `--lora_target_modules c_attn` would match nothing. One name stays a list (`all-linear` is PEFT's keyword).
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            self.lora_target_modules = [self.lora_target_modules]
+
     variant: str = field(default="b", metadata={"help": "'a' (prototype points) or 'b' (prompt-dependent)."})
     num_prototypes: int = field(default=4, metadata={"help": "Number of prototypes K."})
     preference_dim: int = field(default=64, metadata={"help": "Dimension of the preference space."})
@@ -361,12 +378,25 @@ def _accuracy(metrics: dict, prefix: str) -> float:
     return metrics[f"{prefix}_accuracy"]
 
 
+def resume_argument(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: a checkpoint folder, or `True` (the argument `true`)
+    for the last checkpoint of `output_dir`."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0", ""):
+        return value.strip().lower() in ("true", "yes", "1")
+    return value
+
+
 def run_experiment(
-    trainer: PalRewardTrainer, dataset, script_args, save_before_adaptation: str | None = None
+    trainer: PalRewardTrainer,
+    dataset,
+    script_args,
+    save_before_adaptation: str | None = None,
+    resume_from_checkpoint: str | bool | None = None,
 ) -> dict[str, float]:
-    """Trains, adapts unseen users, evaluates; returns seen/unseen accuracies (and the split of the seen ones). With
-    `save_before_adaptation`, the trained model is saved there before the unseen users are fitted."""
-    trainer.train()
+    """Trains (resuming from a checkpoint when asked), adapts unseen users, evaluates; returns seen/unseen accuracies
+    (and the split of the seen ones). With `save_before_adaptation`, the trained model is saved there before the unseen
+    users are fitted."""
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint or None)
     results = {}
     split = evaluation_split(dataset)
     if split is not None:
@@ -431,14 +461,17 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         "head_activation": model_args.head_activation,
         "pooling": model_args.pooling,
     }
+    backbone_kwargs = backbone_loading_kwargs(model_args)
     model = PalRewardModel.from_backbone(
         backbone_path,
         variant=model_args.variant,
         num_prototypes=model_args.num_prototypes,
         similarity=model_args.similarity,
         mixture_temperature=model_args.mixture_temperature,
+        **backbone_kwargs,
         **head_kwargs,
     )
+    peft_config = get_peft_config(model_args)
 
     def make_trainer(model, args, embedding_cache=None):
         return PalRewardTrainer(
@@ -448,11 +481,23 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
             eval_dataset=dataset.get("validation"),
             processing_class=tokenizer,
             embedding_cache=embedding_cache,
+            peft_config=peft_config,
         )
 
+    resume = resume_argument(training_args.resume_from_checkpoint)
     trainer = make_trainer(model, training_args)
+    if trainer.accelerator.is_main_process:
+        print(trainer.trainable_parameters_summary)
     name = f"PAL-{model_args.variant.upper()} (K={model_args.num_prototypes})"
-    table = {name: run_experiment(trainer, dataset, script_args, save_before_adaptation=training_args.output_dir)}
+    table = {
+        name: run_experiment(
+            trainer,
+            dataset,
+            script_args,
+            save_before_adaptation=training_args.output_dir,
+            resume_from_checkpoint=resume,
+        )
+    }
     trainer.save_model(training_args.output_dir)
     sanity = run_sanity_checks(trainer, tokenizer, dataset) if script_args.sanity_checks else {}
 
@@ -460,7 +505,7 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         # One reward for everyone: a single prototype, so every user (seen or not) gets the same reward.
         set_seed(training_args.seed)
         baseline = PalRewardModel.from_backbone(
-            backbone_path, variant="a", num_prototypes=1, similarity="dot", **head_kwargs
+            backbone_path, variant="a", num_prototypes=1, similarity="dot", **backbone_kwargs, **head_kwargs
         )
         # The baseline is not published (only the PAL model is pushed), but its folder lies inside the uploaded
         # output_dir, so it holds hashed user ids whenever the PAL model does.
@@ -473,7 +518,13 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         if training_args.push_to_hub and training_args.hash_user_ids:
             baseline.hash_user_ids(resolve_user_id_salt())
         baseline_trainer = make_trainer(baseline, baseline_args, embedding_cache=trainer.embedding_cache)
-        table["Bradley-Terry (one reward for everyone)"] = run_experiment(baseline_trainer, dataset, script_args)
+        # A resumed run resumes the baseline too when it had reached a checkpoint, and trains it afresh otherwise.
+        baseline_resume = None
+        if resume and os.path.isdir(baseline_args.output_dir):
+            baseline_resume = get_last_checkpoint(baseline_args.output_dir)
+        table["Bradley-Terry (one reward for everyone)"] = run_experiment(
+            baseline_trainer, dataset, script_args, resume_from_checkpoint=baseline_resume
+        )
 
     if trainer.accelerator.is_main_process:
         trainer.create_model_card(
@@ -493,6 +544,25 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=model_card_dataset_name(script_args))
+
+
+def backbone_loading_kwargs(model_args: PalModelArguments) -> dict[str, Any]:
+    """`from_backbone` arguments from TRL's `ModelConfig` fields: dtype, attention, quantization, revision."""
+    kwargs: dict[str, Any] = {}
+    if model_args.dtype not in (None, "auto"):
+        kwargs["dtype"] = model_args.dtype
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if model_args.model_revision not in (None, "main"):
+        kwargs["backbone_kwargs"] = {"revision": model_args.model_revision}
+    if model_args.lora_target_parameters is not None:
+        raise ValueError(
+            "`--lora_target_parameters` is not supported by PAL; name modules with --lora_target_modules."
+        )
+    return kwargs
 
 
 def print_table(table: dict[str, dict[str, float]], dataset, user_column: str = "user_id") -> None:
