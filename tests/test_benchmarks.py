@@ -124,6 +124,43 @@ def test_checkpoints_smoke(tmp_path):
     assert rows["reference"]["size_mb"] < rows["lora_adapter"]["size_mb"] < rows["full"]["size_mb"]
 
 
+def test_lora_smoke(tmp_path):
+    """The LoRA benchmark's three systems on a tiny random Llama (the real run uses SmolLM2-135M)."""
+    import torch
+    from conftest import make_word_tokenizer
+    from transformers import LlamaConfig, LlamaModel
+
+    script = load_script("lora")
+    data = script.load_data(script.parse_args(["--smoke", "--data_dir", PERSONA_FIXTURE]))
+    texts = [row[column] for split in data.values() for row in split for column in ("prompt", "chosen", "rejected")]
+    tokenizer = make_word_tokenizer(texts)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    backbone = tmp_path / "llama"
+    LlamaModel(config).save_pretrained(backbone)
+    tokenizer.save_pretrained(backbone)
+    result = script.main(
+        ["--smoke", "--data_dir", PERSONA_FIXTURE, "--backbone", str(backbone), "--output_dir", str(tmp_path)]
+    )
+    assert read(tmp_path, "lora-smoke")["results"] == result["results"]
+    rows = result["results"]
+    assert list(rows) == ["PAL-B frozen", "PAL-B + LoRA", "TRL RewardTrainer + LoRA"]
+    for row in rows.values():
+        assert in_unit_interval(row["test_accuracy"]) and row["steps"] > 0 and row["peak_rss_mb"] > 0
+    # LoRA adds its matrices to PAL's trainable parameters; TRL trains LoRA and its score head only.
+    assert rows["PAL-B + LoRA"]["trainable_parameters"] > rows["PAL-B frozen"]["trainable_parameters"]
+    assert set(result["targets"]) and all(isinstance(t["met"], bool) for t in result["targets"].values())
+
+
 def test_multi_process_smoke(tmp_path):
     result = load_script("multi_process").main(["--smoke", "--repeats", "1", "--output_dir", str(tmp_path)])
     assert read(tmp_path, "multi_process")["two_over_one"] == result["two_over_one"] > 0

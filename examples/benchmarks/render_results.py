@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RESULTS_DIR = os.path.join(HERE, "results")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BENCHMARKS = ("persona", "synthetic", "speed", "big_backbone", "checkpoints", "summary", "grpo_with_pal")
+BENCHMARKS = ("persona", "synthetic", "speed", "lora", "big_backbone", "checkpoints", "summary", "grpo_with_pal")
 SOURCES = {"grpo_with_pal": os.path.join("outputs", "examples")}  # default: outputs/benchmarks
 
 
@@ -255,6 +255,44 @@ def render_big_backbone(result, results_dir) -> str:
         f"{', '.join(results['from_backbone']['pal_parameter_dtypes'])}.\n\n"
         + table(["load", "peak RSS (MB)", "ratio to the backbone alone"], rows)
         + f"\n\nTarget: at most {result['target_peak_rss_ratio']}x.\n"
+    )
+
+
+def render_lora(result, results_dir) -> str:
+    config = result["config"]
+    rows = [
+        [
+            name,
+            row["validation_accuracy"],
+            row["test_accuracy"],
+            f"{row['seconds_per_step']:.2f}",
+            f"{row['train_seconds'] / 60:.1f}",
+            f"{row['peak_rss_mb']:.0f}",
+            f"{row['trainable_parameters']:,}",
+        ]
+        for name, row in result["results"].items()
+    ]
+    targets = "\n".join(
+        f"- {name}: {target['value']:.3f} ({'met' if target['met'] else 'MISSED'})"
+        for name, target in result["targets"].items()
+    )
+    return (
+        f"### LoRA on a decoder backbone (`examples/benchmarks/lora.py`)\n\n`{result['command']}` on "
+        f"{_machine(result)}. {result['backbone']}; persona standard setting reduced for CPU: {result['users']} seen "
+        f"users ({config['users_per_group']} per group, K* = 4), {result['sizes']['train']} train / "
+        f"{result['sizes']['validation']} validation / {result['sizes']['test']} test comparisons. LoRA rank "
+        f"{config['lora_r']} on the attention of the last {config['lora_layers']} layers, learning rate "
+        f"{config['lora_learning_rate']}, {config['epochs']:g} epochs, batch {config['batch_size']}, the same for PAL "
+        f"and TRL; the frozen PAL-B trains its heads {config['frozen_epochs']:g} epochs on cached features. TRL: "
+        "`RewardTrainer` + `AutoModelForSequenceClassification` (one reward for everyone); its accuracy is computed "
+        "like PAL's, from every pair. Seen users; peak RSS per system (each in its own process).\n\n"
+        + table(
+            ["system", "validation acc.", "test acc.", "s / step", "train (min)", "peak RSS (MB)", "trainable"],
+            rows,
+        )
+        + "\n\n"
+        + targets
+        + "\n"
     )
 
 
