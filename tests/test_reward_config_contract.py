@@ -330,6 +330,17 @@ def test_peft_config_puts_lora_on_the_backbone_only(backbone_path, tokenizer, tm
         not torch.equal(p, pal[name]) for name, p in model.named_parameters() if name in pal and name != "logit_scale"
     )
 
+    # New users are fitted on features of the LoRA-trained backbone; the known users' rewards do not move.
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        known = model(**inputs).logits
+    newcomers = data().map(lambda row: {"user_id": {"alice": "carol", "bob": "dave"}[row["user_id"]]})
+    result = trainer.adapt_users(newcomers, steps=20)
+    assert result["users"] == ["carol", "dave"] and model.num_users == 4
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, known, rtol=0, atol=0)
+
     trainer.save_model(str(tmp_path / "lora"))
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     model.eval()

@@ -28,6 +28,15 @@ Only the train split is required: without an unseen-user pair of splits there is
 seen-user accuracy is reported on the validation split (said so in the log and in `results.json`), and without either
 no held-out accuracy is reported. The test split is never used during training.
 
+LoRA on an LLM backbone (TRL's `ModelConfig` flags; the adapter goes on the backbone only) and resuming a run:
+
+```bash
+python trainers/train_pal.py --config hub_configs/pal-own-data.yaml --model_name_or_path Qwen/Qwen2.5-1.5B \
+    --dtype bfloat16 --train_backbone true --use_peft --lora_r 16 --lora_target_modules q_proj v_proj \
+    --save_strategy steps --save_steps 500
+python trainers/train_pal.py ... --resume_from_checkpoint true   # the last complete checkpoint of output_dir
+```
+
 With `--push_to_hub true` the model is uploaded to `hub_model_id` with its user ids replaced by salted hashes: set the
 salt in the `PAL_USER_ID_SALT` environment variable (the run stops before training without it), or pass
 `--hash_user_ids false` to upload the raw ids. The salt is written nowhere.
@@ -140,13 +149,6 @@ class PalModelArguments(ModelConfig):
         default=None, metadata={"help": "Ignored by PAL: the adapter goes on the backbone, whatever its task type."}
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        # TRL turns one module name into a string, which PEFT reads as a regular expression over full module names:
-        # `--lora_target_modules c_attn` would match nothing. One name stays a list (`all-linear` is PEFT's keyword).
-        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
-            self.lora_target_modules = [self.lora_target_modules]
-
     variant: str = field(default="b", metadata={"help": "'a' (prototype points) or 'b' (prompt-dependent)."})
     num_prototypes: int = field(default=4, metadata={"help": "Number of prototypes K."})
     preference_dim: int = field(default=64, metadata={"help": "Dimension of the preference space."})
@@ -155,6 +157,13 @@ class PalModelArguments(ModelConfig):
     similarity: str = field(default="neg_sq_l2", metadata={"help": "neg_sq_l2, neg_l2, cosine or dot."})
     pooling: str | None = field(default=None, metadata={"help": "last, mean or cls (default: by backbone type)."})
     mixture_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the user mixtures."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        # TRL turns one module name into a string, which PEFT reads as a regular expression over full module names:
+        # `--lora_target_modules c_attn` would match nothing. One name stays a list (`all-linear` is PEFT's keyword).
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            self.lora_target_modules = [self.lora_target_modules]
 
 
 def load_preference_dataset(script_args: PalScriptArguments) -> DatasetDict:
@@ -520,8 +529,8 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         baseline_trainer = make_trainer(baseline, baseline_args, embedding_cache=trainer.embedding_cache)
         # A resumed run resumes the baseline too when it had reached a checkpoint, and trains it afresh otherwise.
         baseline_resume = None
-        if resume and os.path.isdir(baseline_args.output_dir):
-            baseline_resume = get_last_checkpoint(baseline_args.output_dir)
+        if resume and os.path.isdir(baseline_args.output_dir) and get_last_checkpoint(baseline_args.output_dir):
+            baseline_resume = True  # its last complete checkpoint
         table["Bradley-Terry (one reward for everyone)"] = run_experiment(
             baseline_trainer, dataset, script_args, resume_from_checkpoint=baseline_resume
         )

@@ -4,7 +4,9 @@ LoRA benchmark: PAL-B with a LoRA-tuned SmolLM2-135M-Instruct backbone, against 
 against TRL's own `RewardTrainer` with `AutoModelForSequenceClassification` and the same LoRA (one reward for
 everyone), on the same persona data (standard setting: pure-group users, K* = 4, reduced so that it runs on CPU).
 
-Each system runs in its own process, so that its peak resident memory is its own. Reported per system: seen-user
+PAL-B + LoRA starts from the frozen system's result (heads, prototypes and users trained on frozen features, the
+usual head-first warm start) and then trains LoRA on tokens with them; its time per step is that of the LoRA stage,
+the quantity compared with TRL's. Each system runs in its own process, so that its peak resident memory is its own. Reported per system: seen-user
 validation and test accuracy, training wall time, time per optimizer step, peak RSS and trainable parameters. The
 LoRA settings (rank, layers, learning rate, epochs) are fixed up front and shared by PAL and TRL; nothing is chosen on
 the test split.
@@ -140,21 +142,28 @@ def run_pal(args, system, data, folder):
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = PalRewardModel.from_backbone(folder, variant="b", num_prototypes=args.num_prototypes)
-    training = PalRewardConfig(
-        **common_arguments(
-            args, os.path.join(args.output_dir, "runs", "lora", system), args.epochs if lora else args.frozen_epochs
-        ),
-        train_backbone=lora,
-        adapter_learning_rate=args.lora_learning_rate,
-        unknown_users="error",
-    )
-    peft_config = lora_config(args, model.config.get_text_config().num_hidden_layers) if lora else None
-    trainer = PalRewardTrainer(
-        model, training, train_dataset=data["train"], processing_class=tokenizer, peft_config=peft_config
-    )
+    output_dir = os.path.join(args.output_dir, "runs", "lora", system)
+    frozen = PalRewardConfig(**common_arguments(args, output_dir, args.frozen_epochs), unknown_users="error")
+    trainer = PalRewardTrainer(model, frozen, train_dataset=data["train"], processing_class=tokenizer)
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
+    if lora:
+        # Warm start: the heads, prototypes and users first train on frozen features (exactly the frozen system),
+        # then LoRA tunes the backbone on tokens while they keep training. Timed: the LoRA stage alone.
+        training = PalRewardConfig(
+            **common_arguments(args, output_dir, args.epochs),
+            train_backbone=True,
+            adapter_learning_rate=args.lora_learning_rate,
+            unknown_users="error",
+        )
+        peft_config = lora_config(args, model.config.get_text_config().num_hidden_layers)
+        trainer = PalRewardTrainer(
+            model, training, train_dataset=data["train"], processing_class=tokenizer, peft_config=peft_config
+        )
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
     accuracies = {
         split: trainer.evaluate(data[split], metric_key_prefix=split)[f"{split}_accuracy"]
         for split in ("validation", "test")

@@ -283,7 +283,8 @@ def render_lora(result, results_dir) -> str:
         f"{result['sizes']['validation']} validation / {result['sizes']['test']} test comparisons. LoRA rank "
         f"{config['lora_r']} on the attention of the last {config['lora_layers']} layers, learning rate "
         f"{config['lora_learning_rate']}, {config['epochs']:g} epochs, batch {config['batch_size']}, the same for PAL "
-        f"and TRL; the frozen PAL-B trains its heads {config['frozen_epochs']:g} epochs on cached features. TRL: "
+        f"and TRL; the frozen PAL-B trains its heads {config['frozen_epochs']:g} epochs on cached features, and PAL-B "
+        "+ LoRA starts from that model (s / step: its LoRA stage). TRL: "
         "`RewardTrainer` + `AutoModelForSequenceClassification` (one reward for everyone); its accuracy is computed "
         "like PAL's, from every pair. Seen users; peak RSS per system (each in its own process).\n\n"
         + table(
