@@ -897,18 +897,25 @@ class PalRewardModel(PalPreTrainedModel):
                 f"{type(peft_config).__name__}."
             )
         self._attach_backbone_adapter(peft_config)
-        adapter = sum(parameter.numel() for parameter in self.backbone.parameters() if parameter.requires_grad)
-        pal = sum(
-            parameter.numel()
-            for name, parameter in self.named_parameters()
-            if not name.startswith("backbone.") and parameter.requires_grad
-        )
-        total = sum(parameter.numel() for parameter in self.parameters())
         logger.info(
-            f"Added a {self.config.backbone_adapter['peft_type']} adapter to the backbone. Trainable parameters: "
-            f"{adapter:,} in the adapter + {pal:,} in PAL's heads, prototypes, user table and logit scale = "
-            f"{adapter + pal:,} of {total:,} ({100 * (adapter + pal) / max(total, 1):.4f}%); the base backbone weights "
-            "are frozen."
+            f"Added a {self.config.backbone_adapter['peft_type']} adapter to the backbone; the base backbone weights "
+            f"are frozen. {self.trainable_parameters_summary()}"
+        )
+
+    def trainable_parameters_summary(self) -> str:
+        """One line: the trainable parameters of the backbone (or its adapter) and of PAL's own parts, of the total."""
+        counts = {"backbone": 0, "pal": 0}
+        total = 0
+        for name, parameter in self.named_parameters():
+            total += parameter.numel()
+            if parameter.requires_grad:
+                counts["backbone" if name.startswith("backbone.") else "pal"] += parameter.numel()
+        trainable = counts["backbone"] + counts["pal"]
+        where = "adapter" if self.has_backbone_adapter else "backbone"
+        return (
+            f"Trainable parameters: {counts['backbone']:,} in the {where} + {counts['pal']:,} in PAL's heads, "
+            f"prototypes, user table and logit scale = {trainable:,} of {total:,} "
+            f"({100 * trainable / max(total, 1):.4f}%)."
         )
 
     def _attach_backbone_adapter(self, peft_config) -> None:

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import BertConfig, GPT2Config, PreTrainedTokenizerFast  # noqa: E402
+from transformers import BertConfig, GPT2Config, LlamaConfig, PreTrainedTokenizerFast  # noqa: E402
 
 import pal_rm  # noqa: E402, F401
 from pal_rm import PalConfig, PalRewardModel  # noqa: E402
@@ -33,13 +33,41 @@ def make_word_tokenizer(texts) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 
-def tiny_backbone_config(kind: str, vocab_size: int):
+# A small demo dataset (kwargs of `load_demo_preferences`) for end-to-end runs of train_pal.py.
+SMALL_DEMO = {
+    "users_per_group": 2,
+    "num_mixture_users": 0,
+    "pairs_per_user": 16,
+    "num_unseen_users": 2,
+    "unseen_shots": 8,
+    "unseen_test_pairs": 8,
+}
+
+
+def tiny_backbone_config(kind: str, vocab_size: int, num_layers: int = 1):
     if kind == "gpt2":
         return GPT2Config(
-            n_layer=1, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=256, bos_token_id=2, eos_token_id=2
+            n_layer=num_layers,
+            n_embd=32,
+            n_head=2,
+            vocab_size=vocab_size,
+            n_positions=256,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
+    if kind == "llama":
+        return LlamaConfig(
+            num_hidden_layers=num_layers,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=vocab_size,
+            max_position_embeddings=256,
+            pad_token_id=0,  # `[PAD]` of `make_word_tokenizer`
         )
     return BertConfig(
-        num_hidden_layers=1,
+        num_hidden_layers=num_layers,
         hidden_size=32,
         num_attention_heads=2,
         intermediate_size=64,

@@ -127,26 +127,16 @@ def test_checkpoints_smoke(tmp_path):
 def test_lora_smoke(tmp_path):
     """The LoRA benchmark's three systems on a tiny random Llama (the real run uses SmolLM2-135M)."""
     import torch
-    from conftest import make_word_tokenizer
-    from transformers import LlamaConfig, LlamaModel
+    from conftest import make_word_tokenizer, tiny_backbone_config
+    from transformers import LlamaModel
 
     script = load_script("lora")
     data = script.load_data(script.parse_args(["--smoke", "--data_dir", PERSONA_FIXTURE]))
     texts = [row[column] for split in data.values() for row in split for column in ("prompt", "chosen", "rejected")]
     tokenizer = make_word_tokenizer(texts)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     backbone = tmp_path / "llama"
-    LlamaModel(config).save_pretrained(backbone)
+    LlamaModel(tiny_backbone_config("llama", len(tokenizer), num_layers=2)).save_pretrained(backbone)
     tokenizer.save_pretrained(backbone)
     result = script.main(
         ["--smoke", "--data_dir", PERSONA_FIXTURE, "--backbone", str(backbone), "--output_dir", str(tmp_path)]

@@ -13,7 +13,7 @@ from conftest import make_word_tokenizer, tiny_backbone_config, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_modeling_pal import REMOTE_CODE_SCRIPT
-from transformers import AutoModel, GPT2Model, LlamaConfig, LlamaModel
+from transformers import AutoModel, GPT2Model, LlamaModel
 
 from pal_rm import PalConfig, PalRewardModel
 from pal_rm.hub import create_model_card, save_upload_folder
@@ -33,20 +33,10 @@ def backbones(tmp_path_factory, tokenizer):
     """Tiny random GPT-2 and Llama backbones saved to folders, so that a checkpoint's reference resolves offline."""
     root = tmp_path_factory.mktemp("backbones")
     torch.manual_seed(0)
-    llama = LlamaConfig(
-        num_hidden_layers=1,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
     paths = {}
     for kind, backbone in (
         ("gpt2", GPT2Model(tiny_backbone_config("gpt2", len(tokenizer)))),
-        ("llama", LlamaModel(llama)),
+        ("llama", LlamaModel(tiny_backbone_config("llama", len(tokenizer)))),
     ):
         paths[kind] = str(root / kind)
         backbone.save_pretrained(paths[kind])

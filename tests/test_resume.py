@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import make_word_tokenizer, tiny_backbone_config
+from conftest import SMALL_DEMO, make_word_tokenizer, tiny_backbone_config
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import GPT2Model
@@ -19,14 +19,6 @@ from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "the quick brown fox jumps over a lazy dog hello world yes no what is this"
-SMALL_DEMO = {
-    "users_per_group": 2,
-    "num_mixture_users": 0,
-    "pairs_per_user": 16,
-    "num_unseen_users": 2,
-    "unseen_shots": 8,
-    "unseen_test_pairs": 8,
-}
 
 
 def comparisons(users, repeat=4):

@@ -4,18 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SMALL_DEMO as SMALL_DEMO_KWARGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_DEMO = json.dumps(
-    {
-        "users_per_group": 2,
-        "num_mixture_users": 0,
-        "pairs_per_user": 16,
-        "num_unseen_users": 2,
-        "unseen_shots": 8,
-        "unseen_test_pairs": 8,
-    }
-)
+SMALL_DEMO = json.dumps(SMALL_DEMO_KWARGS)
 
 
 def test_parser_reads_the_demo_recipe():

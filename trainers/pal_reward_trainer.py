@@ -218,15 +218,11 @@ class PalRewardTrainer(RewardTrainer):
 
         if model.backbone is not None:
             processing_class = self._prepare_tokenizer(model, processing_class, args)
-            self.trainable_parameters_summary = self._set_backbone_trainable(model, args, peft_config)
+            self._set_backbone_trainable(model, args, peft_config)
         elif args.train_backbone or peft_config is not None:
             raise ValueError(
                 "`train_backbone=True` and `peft_config` need a model with a backbone; this one takes pooled features."
             )
-        else:
-            trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-            self.trainable_parameters_summary = f"Trainable parameters: {trainable:,} (PAL's heads and user table)."
-            logger.info(self.trainable_parameters_summary)
         if model.config.head_dropout > 0 and args.disable_dropout:
             logger.warning(
                 f"`disable_dropout=True` (TRL's default) turns off the heads' dropout (`head_dropout="
@@ -244,6 +240,8 @@ class PalRewardTrainer(RewardTrainer):
         # same users give the same rows whatever the order of the data (a checkpoint resumes by user id).
         self.train_users = self._users_of(train_dataset, args, "train")
         model.add_users(sorted(self.train_users))
+        self.trainable_parameters_summary = model.trainable_parameters_summary()
+        logger.info(self.trainable_parameters_summary)
 
         if data_collator is None:
             data_collator = DataCollatorForPersonalizedPreference(
@@ -346,11 +344,11 @@ class PalRewardTrainer(RewardTrainer):
         return processing_class
 
     @staticmethod
-    def _set_backbone_trainable(model: PalRewardModel, args: PalRewardConfig, peft_config) -> str:
+    def _set_backbone_trainable(model: PalRewardModel, args: PalRewardConfig, peft_config) -> None:
         """
         What of the backbone trains. `train_backbone=False`: nothing (frozen features, cached). `train_backbone=True`:
         the whole backbone, or, when it carries a PEFT adapter (from `peft_config` or loaded with the model), the
-        adapter only, its base weights frozen. The trainable parameters are logged.
+        adapter only, its base weights frozen.
         """
         if peft_config is not None:
             if not args.train_backbone:
@@ -360,20 +358,6 @@ class PalRewardTrainer(RewardTrainer):
                 )
             model.add_backbone_adapter(peft_config)
         model.set_backbone_trainable(args.train_backbone)
-        trainable = {"backbone": 0, "pal": 0}
-        total = 0
-        for name, parameter in model.named_parameters():
-            total += parameter.numel()
-            if parameter.requires_grad:
-                trainable["backbone" if name.startswith("backbone.") else "pal"] += parameter.numel()
-        what = "adapter" if model.has_backbone_adapter else "backbone"
-        summary = (
-            f"Trainable parameters: {trainable['backbone']:,} in the {what} + {trainable['pal']:,} in PAL's heads, "
-            f"prototypes, user table and logit scale = {sum(trainable.values()):,} of {total:,} "
-            f"({100 * sum(trainable.values()) / max(total, 1):.4f}%)."
-        )
-        logger.info(summary)
-        return summary
 
     # ------------------------------------------------------------------ data
     @staticmethod
