@@ -29,6 +29,43 @@ def _default_pooling(backbone_config) -> str:
     return "mean" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
 
 
+def _check_adaptation_prior(prior: dict | None, num_prototypes: int) -> dict | None:
+    if prior is None:
+        return None
+    if not isinstance(prior, dict) or not {"mean", "std", "strength"} <= set(prior):
+        raise ValueError(
+            f"`adaptation_prior` must be a dict with `mean`, `std` and `strength`, got {prior!r}. It is written by "
+            "`PalRewardTrainer.fit_adaptation_prior`; remove it from config.json to fall back to the default prior."
+        )
+    mean, std, strength = prior["mean"], prior["std"], prior["strength"]
+    if not (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == num_prototypes):
+        raise ValueError(
+            f"`adaptation_prior` needs `mean` and `std` as lists of num_prototypes={num_prototypes} numbers, got "
+            f"{mean!r} and {std!r}."
+        )
+    values = [*mean, *std, strength]
+    if not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf") for v in values
+    ):
+        raise ValueError(f"`adaptation_prior` holds a value that is not a finite number: {prior!r}.")
+    if min(std) <= 0 or strength <= 0:
+        raise ValueError(f"`adaptation_prior` needs positive `std` and `strength`, got {std!r} and {strength!r}.")
+    method = prior.get("method", "gaussian")
+    bandwidth = prior.get("bandwidth", 0.0)
+    if method not in ("empirical", "gaussian"):
+        raise ValueError(f"`adaptation_prior['method']` must be 'empirical' or 'gaussian', got {method!r}.")
+    if not isinstance(bandwidth, (int, float)) or not 0 <= bandwidth < float("inf"):
+        raise ValueError(f"`adaptation_prior['bandwidth']` must be a number >= 0, got {bandwidth!r}.")
+    return {
+        "method": method,
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "strength": float(strength),
+        "bandwidth": float(bandwidth),
+        "selection": prior.get("selection"),
+    }
+
+
 class PalConfig(PretrainedConfig):
     r"""
     Configuration of a [`PalRewardModel`]: a personalized reward model (PAL, Chen et al., ICLR 2025) made of a backbone
@@ -100,6 +137,17 @@ class PalConfig(PretrainedConfig):
             recorded by [`PalRewardModel.from_backbone`]. Saving by reference checks that the backbone still has these
             weights (not trained, merged or cast since), and loading by reference that the referenced weights are
             still the same.
+        adaptation_prior (`dict`, *optional*):
+            The population prior of few-shot adaptation of new users on their mixture logits: `{"method": "empirical"
+            | "gaussian", "mean": [K floats], "std": [K floats], "strength": float, "bandwidth": float, "selection":
+            dict | None}`. `"empirical"`: the trained users' logits blurred by `bandwidth * std`; `"gaussian"`:
+            `N(mean, diag(std^2) / strength)`, `mean` and `std` those of the trained users' centred logits. The method
+            and its setting were chosen by simulating few-shot adaptation of seen users on their validation
+            comparisons (`selection` records the candidates, their scores and the split). Written by
+            `PalRewardTrainer.fit_adaptation_prior` (called at the end of `train`). `None`: not learned yet.
+        num_user_posteriors (`int`, *optional*, defaults to 0):
+            How many users have a stored posterior (the users fitted by `adapt_users`): the size of the
+            `user_posterior_*` buffers, so that a checkpoint loads them. Maintained by the model.
 
     Example:
 
@@ -141,6 +189,8 @@ class PalConfig(PretrainedConfig):
         backbone_weights: str = "included",
         backbone_adapter: dict | None = None,
         backbone_fingerprint: str | None = None,
+        adaptation_prior: dict | None = None,
+        num_user_posteriors: int = 0,
         **kwargs,
     ):
         if isinstance(backbone_config, dict):
@@ -254,6 +304,14 @@ class PalConfig(PretrainedConfig):
         self.backbone_weights = backbone_weights
         self.backbone_adapter = backbone_adapter
         self.backbone_fingerprint = backbone_fingerprint
+        self.adaptation_prior = _check_adaptation_prior(adaptation_prior, num_prototypes)
+        if (
+            not isinstance(num_user_posteriors, int)
+            or isinstance(num_user_posteriors, bool)
+            or num_user_posteriors < 0
+        ):
+            raise ValueError(f"`num_user_posteriors` must be an integer >= 0, got {num_user_posteriors!r}.")
+        self.num_user_posteriors = num_user_posteriors
 
         kwargs["num_labels"] = 1
         kwargs["problem_type"] = "regression"

@@ -91,6 +91,36 @@ def _checkpoint_layout(model, saved: dict | None = None) -> dict:
     }
 
 
+def _adaptation_prior_text(prior: dict | None) -> str:
+    """How new users are fitted: the learned prior and how it was chosen (`config.adaptation_prior`)."""
+    if prior is None:
+        return (
+            "New users are fitted under a Gaussian prior with the trained users' mean and spread of mixture logits; "
+            "its strength was not chosen on data (the model was trained without a validation split)."
+        )
+    if prior["method"] == "empirical":
+        form = (
+            f"the **empirical** population prior (the trained users' mixture logits, blurred by "
+            f"{prior['bandwidth']:g} times their spread): a new user gets its posterior-mean mixture"
+        )
+    else:
+        form = (
+            f"a **Gaussian** prior on the mixture logits (the trained users' mean and spread, strength "
+            f"{prior['strength']:g}): a new user gets its MAP mixture"
+        )
+    selection = prior.get("selection")
+    if not selection:
+        return f"New users are fitted under {form}."
+    candidates = ", ".join(
+        f"{c['method']} {c['value']:g}: {c['accuracy']:.3f}" for c in selection.get("candidates", [])
+    )
+    return (
+        f"New users are fitted under {form}. This was chosen by the {selection['criterion']} "
+        f"({selection['users']} users, {selection['comparisons']} comparisons of the `{selection['split']}` split; "
+        f"held-out accuracy per candidate: {candidates})."
+    )
+
+
 def _adapter_text(adapter: dict) -> str:
     """`a LORA adapter (rank 16, target modules `q_proj`, `v_proj`)`."""
     targets = adapter.get("target_modules")
@@ -220,7 +250,10 @@ from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 
 trainer = PalRewardTrainer(model, PalRewardConfig("out"), train_dataset=seen_users_data, processing_class=tokenizer)
 trainer.adapt_users(new_user_comparisons)   # columns: user_id, prompt, chosen, rejected
+model.user_confidence("<new user id>")      # comparisons seen, mixture, posterior spread
 ```
+
+{_adaptation_prior_text(config.adaptation_prior)}
 
 ## License
 

@@ -72,6 +72,60 @@ class PalRewardModelOutput(ModelOutput):
     ideal_points: torch.FloatTensor | None = None
 
 
+@dataclass
+class PalUserConfidence(ModelOutput):
+    """
+    How well each user's mixture is determined ([`PalRewardModel.user_confidence`]).
+
+    Args:
+        num_comparisons (`torch.LongTensor` of shape `(num_users,)`):
+            Comparisons the user's posterior was fitted on ([`PalRewardTrainer.adapt_users`]); `-1` for a user without
+            a posterior (trained jointly with the model, or registered with `add_users` and never fitted).
+        mixture_weights (`torch.FloatTensor` of shape `(num_users, num_prototypes)`):
+            The user's mixture (posterior mode, mapped to the simplex).
+        mixture_entropy (`torch.FloatTensor` of shape `(num_users,)`):
+            Entropy (nats) of the mixture: `log K` for a uniform mixture, 0 for a single prototype. It says how mixed a
+            user is, not how certain the model is about it; `mixture_std` says that.
+        mixture_std (`torch.FloatTensor` of shape `(num_users, num_prototypes)`):
+            Posterior standard deviation of each mixture weight (Laplace approximation, delta method); NaN without a
+            posterior.
+        logit_covariance (`torch.FloatTensor` of shape `(num_users, num_prototypes, num_prototypes)`):
+            Posterior covariance of the mixture logits (Laplace approximation at the MAP estimate); NaN without one.
+    """
+
+    num_comparisons: torch.LongTensor | None = None
+    mixture_weights: torch.FloatTensor | None = None
+    mixture_entropy: torch.FloatTensor | None = None
+    mixture_std: torch.FloatTensor | None = None
+    logit_covariance: torch.FloatTensor | None = None
+
+
+@dataclass
+class PalAdaptationPrior:
+    """
+    The population prior of few-shot adaptation on a new user's (centred) mixture logits (see `pal_rm.adaptation`).
+
+    `method="empirical"`: the trained users' logits themselves, each blurred by a Gaussian of standard deviation
+    `bandwidth * std` (a kernel density estimate of the population). `method="gaussian"`: `N(mean, diag(std^2) /
+    strength)`. `learned`: chosen on validation data (`config.adaptation_prior`), not a fallback.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    strength: float = 1.0
+    learned: bool = False
+    method: str = "gaussian"
+    bandwidth: float = 0.0
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """The covariance of the Gaussian prior (`method="gaussian"`)."""
+        return torch.diag(self.std.pow(2) / self.strength)
+
+
+LINEAR_SIMILARITIES = ("neg_sq_l2", "dot")
+
+
 class PalMLP(nn.Module):
     """`in_features -> hidden_dims... -> out_features`, dropout before every linear layer, activation in between."""
 
@@ -650,6 +704,7 @@ class PalPreTrainedModel(PreTrainedModel):
         "user_weights",
         "logit_scale",
         "population_mixture",
+        "user_posterior_covariance",
     ]
 
     @torch.no_grad()
@@ -667,6 +722,9 @@ class PalPreTrainedModel(PreTrainedModel):
             if module.logit_scale is not None:
                 module.logit_scale.fill_(math.log(self.config.logit_scale_init))
             module.population_mixture.fill_(1.0 / self.config.num_prototypes)
+            module.user_posterior_rows.zero_()
+            module.user_posterior_covariance.zero_()
+            module.user_posterior_comparisons.zero_()
 
 
 class PalRewardModel(PalPreTrainedModel):
@@ -710,6 +768,12 @@ class PalRewardModel(PalPreTrainedModel):
         else:
             self.logit_scale = None
         self.register_buffer("population_mixture", torch.empty(config.num_prototypes), persistent=True)
+        # The Laplace posteriors of the users fitted by `adapt_users` (rows of the user table, covariance of the
+        # logits, number of comparisons); see `user_confidence`.
+        posteriors, k = config.num_user_posteriors, config.num_prototypes
+        self.register_buffer("user_posterior_rows", torch.zeros(posteriors, dtype=torch.long), persistent=True)
+        self.register_buffer("user_posterior_covariance", torch.zeros(posteriors, k, k), persistent=True)
+        self.register_buffer("user_posterior_comparisons", torch.zeros(posteriors, dtype=torch.long), persistent=True)
         # What single-sequence entry points score for when no user is given (see `set_default_mixture`).
         self.default_mixture: torch.Tensor | None = None
         if config.backbone_adapter is not None and self.backbone is not None and loading is None:
@@ -825,6 +889,9 @@ class PalRewardModel(PalPreTrainedModel):
         for name, parameter in self.named_parameters(recurse=False):
             parameter.data = parameter.data.to(device=device, dtype=torch.float32)
         self.population_mixture.data = self.population_mixture.data.to(device=device, dtype=torch.float32)
+        self.user_posterior_covariance.data = self.user_posterior_covariance.data.to(device, torch.float32)
+        self.user_posterior_rows.data = self.user_posterior_rows.data.to(device)
+        self.user_posterior_comparisons.data = self.user_posterior_comparisons.data.to(device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1513,6 +1580,10 @@ class PalRewardModel(PalPreTrainedModel):
     def _check_loaded_weights(self, loading_info: dict, source, registry: str) -> None:
         """Raises on weights the checkpoint lacks (they would be random) or holds but the model has no place for."""
         missing = sorted(loading_info["missing_keys"])
+        if (
+            self.config.num_user_posteriors == 0
+        ):  # checkpoints saved before posteriors were stored lack the (empty) buffers
+            missing = [key for key in missing if not key.startswith("user_posterior_")]
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             backbone_keys = [key for key in self.state_dict() if key.startswith("backbone.")]
@@ -1817,6 +1888,199 @@ class PalRewardModel(PalPreTrainedModel):
         table.weight.requires_grad_(self.user_weights.weight.requires_grad)
         self.user_weights = table
         self.config.user_ids = list(self.config.user_ids)[:num_users]
+        self.drop_user_posteriors(range(num_users, old_weight.shape[0]))
+
+    # ------------------------------------------------------------------ adaptation prior and posteriors
+    def adaptation_prior(self) -> PalAdaptationPrior:
+        """
+        The prior of few-shot adaptation on a new user's mixture logits: `config.adaptation_prior` when it was learned
+        (`PalRewardTrainer.fit_adaptation_prior`), else a Gaussian with the mean and spread of the registered users
+        without a posterior (the users the model was trained on) at strength 1, with `learned=False`.
+        """
+        device = self.population_mixture.device
+        prior = self.config.adaptation_prior
+        if prior is not None:
+            return PalAdaptationPrior(
+                mean=torch.tensor(prior["mean"], dtype=torch.float32, device=device),
+                std=torch.tensor(prior["std"], dtype=torch.float32, device=device),
+                strength=float(prior["strength"]),
+                learned=True,
+                method=prior.get("method", "gaussian"),
+                bandwidth=float(prior.get("bandwidth", 0.0)),
+            )
+        mean, std = self.population_prior_statistics(self.trained_user_rows())
+        return PalAdaptationPrior(mean=mean, std=std, strength=1.0, learned=False)
+
+    def trained_user_rows(self) -> list[int]:
+        """Rows of the registered users without a few-shot posterior: the users the model was trained on."""
+        posterior = set(self.user_posterior_rows.tolist())
+        return [row for row in range(self.num_users) if row not in posterior]
+
+    @torch.no_grad()
+    def population_prior_statistics(
+        self, rows: Sequence[int] | None = None, min_std: float = 0.05
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Mean and standard deviation `(K,)`, `(K,)` of the given users' mixture logits (all users by default), each user's
+        logits centred first (a softmax does not change when a constant is added to every logit, so only the centred
+        logits mean anything). The spread is at least `min_std`. Without two users: the population logits and 1.
+        """
+        device = self.population_mixture.device
+        logits = full_tensor(self.user_weights.weight).float()
+        if rows is not None:
+            logits = logits[torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)]
+        if logits.shape[0] < 2:
+            mean = self.population_logits().float()
+            return (mean - mean.mean()).to(device), torch.ones_like(mean, device=device)
+        centred = logits - logits.mean(-1, keepdim=True)
+        return centred.mean(0).to(device), centred.std(0).clamp(min=min_std).to(device)
+
+    def _posterior_index(self, rows: torch.LongTensor) -> torch.LongTensor:
+        """For rows of the user table (`-1`: the population), the index of their stored posterior, or `-1`."""
+        lookup = torch.full((self.num_users + 1,), -1, dtype=torch.long, device=rows.device)
+        stored = self.user_posterior_rows.to(rows.device)
+        lookup[stored] = torch.arange(stored.numel(), device=rows.device)
+        return lookup[torch.where(rows < 0, self.num_users, rows)]
+
+    @torch.no_grad()
+    def set_user_posteriors(
+        self, rows: Sequence[int], logit_covariance: torch.Tensor, num_comparisons: Sequence[int]
+    ) -> None:
+        """Stores (or replaces) the Laplace posterior covariance of the mixture logits of the given user rows."""
+        rows = torch.as_tensor(list(rows), dtype=torch.long)
+        covariance = torch.as_tensor(logit_covariance, dtype=torch.float32)
+        k = self.config.num_prototypes
+        if covariance.shape != (rows.numel(), k, k) or len(num_comparisons) != rows.numel():
+            raise ValueError(
+                f"Posteriors of {rows.numel()} users need a covariance of shape ({rows.numel()}, {k}, {k}) and one "
+                f"count each, got {tuple(covariance.shape)} and {len(num_comparisons)}."
+            )
+        if rows.numel() and (rows.min() < 0 or rows.max() >= self.num_users):
+            raise IndexError(f"User rows must be registered (0 to {self.num_users - 1}), got {rows.tolist()[:10]}.")
+        if not torch.isfinite(covariance).all():
+            raise FloatingPointError("The posterior covariances to store are not finite.")
+        self.drop_user_posteriors(rows.tolist())
+        device = self.user_posterior_rows.device
+        self.user_posterior_rows = torch.cat([self.user_posterior_rows, rows.to(device)])
+        self.user_posterior_covariance = torch.cat([self.user_posterior_covariance, covariance.to(device)])
+        counts = torch.as_tensor(list(num_comparisons), dtype=torch.long, device=device)
+        self.user_posterior_comparisons = torch.cat([self.user_posterior_comparisons, counts])
+        self.config.num_user_posteriors = int(self.user_posterior_rows.numel())
+
+    @torch.no_grad()
+    def drop_user_posteriors(self, rows: Sequence[int]) -> None:
+        """Forgets the stored posteriors of the given user rows (for example once the trainer trains those users)."""
+        rows = set(int(row) for row in rows)
+        if not rows or self.user_posterior_rows.numel() == 0:
+            return
+        keep = torch.tensor(
+            [row not in rows for row in self.user_posterior_rows.tolist()],
+            dtype=torch.bool,
+            device=self.user_posterior_rows.device,
+        )
+        self.user_posterior_rows = self.user_posterior_rows[keep]
+        self.user_posterior_covariance = self.user_posterior_covariance[keep]
+        self.user_posterior_comparisons = self.user_posterior_comparisons[keep]
+        self.config.num_user_posteriors = int(self.user_posterior_rows.numel())
+
+    @torch.no_grad()
+    def user_confidence(self, user_ids: Sequence[str] | str) -> PalUserConfidence:
+        """
+        How well the model knows each user: the number of comparisons its posterior was fitted on, its mixture and the
+        mixture's entropy, and the posterior spread of the mixture weights and logits. Users fitted by
+        `PalRewardTrainer.adapt_users` have a posterior (a Laplace approximation of the MAP fit); users the model was
+        trained with do not (`num_comparisons=-1`, spreads NaN).
+
+        Example:
+
+        ```python
+        >>> trainer.adapt_users(new_users)
+        >>> confidence = model.user_confidence(["carol"])
+        >>> confidence.num_comparisons, confidence.mixture_std
+        ```
+        """
+        if isinstance(user_ids, str):
+            user_ids = [user_ids]
+        rows = self.user_rows(list(user_ids))
+        temperature = self.config.mixture_temperature
+        logits = self.user_weights(rows).float()
+        weights = torch.softmax(logits / temperature, dim=-1)
+        entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1)
+        index = self._posterior_index(rows)
+        k = self.config.num_prototypes
+        has = index >= 0
+        covariance = torch.full((rows.numel(), k, k), float("nan"), device=rows.device)
+        counts = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
+        if has.any():
+            covariance[has] = self.user_posterior_covariance[index[has]].to(rows.device)
+            counts[has] = self.user_posterior_comparisons[index[has]].to(rows.device)
+        # Delta method: d w / d z = (diag(w) - w w^T) / temperature.
+        jacobian = (torch.diag_embed(weights) - weights.unsqueeze(-1) * weights.unsqueeze(-2)) / temperature
+        weight_covariance = jacobian @ covariance @ jacobian.transpose(-1, -2)
+        return PalUserConfidence(
+            num_comparisons=counts.cpu(),
+            mixture_weights=weights.cpu(),
+            mixture_entropy=entropy.cpu(),
+            mixture_std=weight_covariance.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt().cpu(),
+            logit_covariance=covariance.cpu(),
+        )
+
+    def reward_std(
+        self,
+        item_features: torch.Tensor,
+        prompt_features: torch.Tensor | None,
+        user_rows: torch.LongTensor,
+    ) -> torch.Tensor:
+        """
+        Posterior standard deviation `(N,)` of each row's reward for its user (delta method on the Laplace posterior
+        of the user's mixture logits); NaN for rows whose user has no stored posterior (see [`user_confidence`]).
+        """
+        index = self._posterior_index(user_rows)
+        spread = torch.full((user_rows.numel(),), float("nan"), device=user_rows.device)
+        has = index >= 0
+        if not has.any():
+            return spread
+        with torch.enable_grad():
+            logits = self.user_weights.weight[user_rows[has]].detach().float().clone().requires_grad_(True)
+            weights = torch.softmax(logits / self.config.mixture_temperature, dim=-1)
+            prompts = prompt_features[has] if prompt_features is not None else None
+            rewards = self.rewards_from_features(item_features[has], prompts, weights).logits
+            (gradient,) = torch.autograd.grad(rewards.sum(), logits)
+        covariance = self.user_posterior_covariance[index[has]].to(gradient.device)
+        variance = torch.einsum("nk,nkl,nl->n", gradient, covariance, gradient).clamp(min=0)
+        spread[has] = variance.sqrt().to(spread.device)
+        return spread
+
+    def prototype_reward_differences(
+        self, chosen_embeddings: torch.Tensor, rejected_embeddings: torch.Tensor, points: torch.Tensor
+    ) -> torch.Tensor | None:
+        """
+        For similarities linear in the ideal point (`neg_sq_l2`, `dot`), each pair's reward difference for each
+        prototype alone `(num_pairs, K)`: the pair's difference for any mixture is then the mixture-weighted sum of
+        these (the `||a||^2` terms of `neg_sq_l2` cancel between chosen and rejected). `None` for the other similarities.
+        """
+        if self.config.similarity not in LINEAR_SIMILARITIES:
+            return None
+        return self.similarity(chosen_embeddings.unsqueeze(1), points) - self.similarity(
+            rejected_embeddings.unsqueeze(1), points
+        )
+
+    def pair_reward_differences(
+        self,
+        chosen_embeddings: torch.Tensor,
+        rejected_embeddings: torch.Tensor,
+        points: torch.Tensor,
+        mixture_weights: torch.Tensor,
+        prototype_differences: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        `r(chosen) - r(rejected)` `(num_pairs,)` from the item embeddings, the prototype points `(num_pairs, K, d)` and
+        per-pair mixture weights `(num_pairs, K)`; pass [`prototype_reward_differences`] to skip the similarity.
+        """
+        if prototype_differences is not None:
+            return (mixture_weights * prototype_differences).sum(-1)
+        ideal = torch.einsum("bk,bkd->bd", mixture_weights, points)
+        return self.similarity(chosen_embeddings, ideal) - self.similarity(rejected_embeddings, ideal)
 
     # ------------------------------------------------------------------ forward
     def _check_features(self, features: torch.Tensor, name: str) -> torch.Tensor:
@@ -2172,12 +2436,17 @@ class PalRewardModel(PalPreTrainedModel):
         unknown_users: str = "error",
         return_prototype_rewards: bool = False,
         allow_empty_responses: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return_uncertainty: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """
         Rewards `(N,)` of `responses[i]` to `prompts[i]` for `users[i]` (a registered id; `None`: the population), for
         one user for every row (`users="alice"`), for an explicit mixture, or for the population mixture.
         Prompts and responses are plain strings or conversations (lists of `{"role", "content"}` messages). An empty
         response is an error unless `allow_empty_responses=True` (a policy may generate one during RL).
+
+        `return_prototype_rewards=True` also returns each row's reward for each prototype `(N, K)`;
+        `return_uncertainty=True` also returns (last) the posterior standard deviation of each reward `(N,)` for users
+        fitted by `adapt_users` (NaN for rows without such a user: trained users, the population, explicit mixtures).
 
         Example:
 
@@ -2217,9 +2486,18 @@ class PalRewardModel(PalPreTrainedModel):
             mixture_weights=mixture_weights,
         )
         rewards = output.logits.squeeze(-1).float().cpu()
-        if return_prototype_rewards:
-            return rewards, output.prototype_rewards.float().cpu()
-        return rewards
+        extras = [output.prototype_rewards.float().cpu()] if return_prototype_rewards else []
+        if return_uncertainty:
+            rows = user_rows if user_rows is not None else torch.full((len(pairs),), -1, dtype=torch.long)
+            spread = self.reward_std(item_features, prompt_features, rows.to(device)).cpu()
+            without = rows.cpu()[spread.isnan()]
+            if (without >= 0).any():
+                logger.warning_once(
+                    "`score_texts(return_uncertainty=True)`: some users have no posterior (they were trained with the "
+                    "model, not fitted by `adapt_users`); their reward spread is NaN."
+                )
+            extras.append(spread)
+        return (rewards, *extras) if extras else rewards
 
 
 def _build_user_registry(user_ids: Sequence[str]) -> dict[str, int]:

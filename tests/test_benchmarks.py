@@ -78,6 +78,34 @@ def test_synthetic_smoke(tmp_path):
     assert isinstance(result["met_within_1_point"], bool) and (tmp_path / "synthetic.png").exists()
 
 
+def test_active_smoke(tmp_path):
+    load_script("active").main(
+        [
+            "--smoke",
+            "--data_dir",
+            PERSONA_FIXTURE,
+            "--settings",
+            "persona-standard",
+            "synthetic",
+            "--output_dir",
+            str(tmp_path),
+            "--cache_dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    result = read(tmp_path, "active")
+    for name in ("persona-standard", "synthetic"):
+        setting = result["settings"][name]
+        accuracies = setting["validation_accuracy_by_K"]
+        assert sorted(accuracies, key=int) == ["1", "2"]
+        best = max(accuracies.values())
+        assert setting["K"] == min(int(k) for k, v in accuracies.items() if v == best)  # ties: the smaller K
+        for kind in ("random", "active"):
+            assert sorted(setting[kind], key=int) == ["1", "2", "3"]
+            assert all(in_unit_interval(v) for v in setting[kind].values())
+        assert isinstance(next(iter(setting["met"].values())), bool)
+
+
 def test_summary_smoke(tmp_path):
     load_script("summary").main(["--smoke", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")])
     result = read(tmp_path, "summary")
@@ -96,7 +124,8 @@ def test_speed_smoke(tmp_path):
     load_script("speed").main(["--smoke", "--data_dir", PERSONA_FIXTURE, "--output_dir", str(tmp_path)])
     result = read(tmp_path, "speed")
     assert result["cached"]["texts_encoded"] < result["naive"]["texts_encoded"]
-    assert result["training_speedup"] > 0 and result["cached"]["adapt"]["users"] == 20
+    assert result["training_speedup"] > 0 and result["adapt"]["users"] == 20
+    assert set(result["adapt"]["fits"]) == {"learned", "empirical", "gaussian"}
     assert result["users"]["registered_users"] == 10_000 and result["users"]["reward_is_finite"]
     assert result["users"]["rows_found"] == [9_999, 5_000]
     assert set(result["scoring"]["median_seconds"]) == {"backbone", "pal_a", "pal_b", "backbone_items_and_prompts"}

@@ -210,7 +210,9 @@ def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_pat
     seen_users = test["user_id"]
     before_rewards = model.score_texts(demo_tokenizer, test["prompt"], test["chosen"], users=seen_users)
     before_table = model.user_weights.weight.detach().clone()
-    before_state = {k: v.clone() for k, v in model.state_dict().items() if k != "user_weights.weight"}
+    # Adaptation writes the new users' rows and their posteriors (`user_posterior_*`); nothing else may change.
+    changed = ("user_weights.weight", "user_posterior_rows", "user_posterior_covariance", "user_posterior_comparisons")
+    before_state = {k: v.clone() for k, v in model.state_dict().items() if k not in changed}
     with pytest.raises(ValueError, match="users the model does not know.*adapt_users"):
         trainer.evaluate(demo_dataset["unseen_test"])
     result = trainer.adapt_users(demo_dataset["unseen_train"])
@@ -219,8 +221,9 @@ def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_pat
     assert model.config.user_ids[-len(new_users) :] == new_users
     assert torch.equal(model.user_weights.weight[: before_table.shape[0]], before_table)
     for key, value in model.state_dict().items():
-        if key != "user_weights.weight":
+        if key not in changed:
             assert torch.equal(value, before_state[key]), key
+    assert model.user_posterior_rows.tolist() == result["rows"]
     after_rewards = model.score_texts(demo_tokenizer, test["prompt"], test["chosen"], users=seen_users)
     assert torch.equal(before_rewards, after_rewards)
     unseen = trainer.evaluate(demo_dataset["unseen_test"], metric_key_prefix="unseen")

@@ -42,8 +42,13 @@ class PalRewardConfig(RewardConfig):
             What evaluation does with users that are not registered: `"error"`, or `"population"` to score them with
             the population mixture.
         adapt_steps, adapt_learning_rate, adapt_prior_strength:
-            Defaults of [`PalRewardTrainer.adapt_users`]: full-batch Adam steps, learning rate, and the strength of the
-            Gaussian prior that keeps a new user's logits near the population mixture.
+            Defaults of [`PalRewardTrainer.adapt_users`]: full-batch Adam steps and learning rate (of the Gaussian
+            prior's MAP fit), and a Gaussian prior strength to use instead of the learned prior (`None`, the default:
+            the prior chosen on validation data by `fit_adaptation_prior`).
+        fit_adaptation_prior (`bool`, *optional*, defaults to `True`):
+            At the end of `train`, learn the population prior of [`PalRewardTrainer.adapt_users`] from the trained
+            users' mixture logits, its form and strength chosen on the `eval_dataset` (seen users fitted again from
+            part of their validation comparisons). Stored in `model.config.adaptation_prior`.
         user_table_update (`str`, *optional*, defaults to `"auto"`):
             How the user table is trained. `"sparse"`: per-batch row-wise Adam(W) that touches only the rows of the
             batch's users (O(batch) per step with any number of users; each user's Adam moments advance only on the
@@ -106,8 +111,13 @@ class PalRewardConfig(RewardConfig):
     )
     adapt_steps: int = field(default=300, metadata={"help": "Full-batch steps of `adapt_users`."})
     adapt_learning_rate: float = field(default=0.1, metadata={"help": "Learning rate of `adapt_users`."})
-    adapt_prior_strength: float = field(
-        default=0.01, metadata={"help": "Gaussian prior pulling new users' logits to the population mixture."}
+    adapt_prior_strength: float | None = field(
+        default=None,
+        metadata={"help": "Gaussian prior strength for adapt_users instead of the learned prior (None: learned)."},
+    )
+    fit_adaptation_prior: bool = field(
+        default=True,
+        metadata={"help": "After training, learn the adaptation prior (strength chosen on the eval_dataset)."},
     )
     user_table_update: str = field(
         default="auto",
@@ -158,5 +168,7 @@ class PalRewardConfig(RewardConfig):
             raise ValueError(
                 f"`feature_dtype` must be 'float32', 'float16' or 'bfloat16', got {self.feature_dtype!r}."
             )
+        if self.adapt_prior_strength is not None and not self.adapt_prior_strength > 0:
+            raise ValueError(f"`adapt_prior_strength` must be positive or None, got {self.adapt_prior_strength!r}.")
         if self.norm_bound is not None and self.norm_bound <= 0:
             raise ValueError(f"`norm_bound` must be positive, got {self.norm_bound!r}.")

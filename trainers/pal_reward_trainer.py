@@ -14,7 +14,6 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import str_to_bool
 from datasets import Dataset, IterableDataset
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.data.data_collator import DataCollatorMixin
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
@@ -25,6 +24,8 @@ from trl.data_utils import extract_prompt
 from trl.models import get_act_offloading_ctx_manager
 from trl.trainer.utils import disable_dropout_in_model, pad
 
+from pal_rm.adaptation import NotEnoughValidationData, embed_pairs, fit_users
+from pal_rm.adaptation import fit_adaptation_prior as _fit_adaptation_prior
 from pal_rm.cache import EmbeddingCache, FeatureTable, distributed_state, resolve_feature_dtype, text_key
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
@@ -180,6 +181,9 @@ class PalRewardTrainer(RewardTrainer):
         ):
             _check_map_style(dataset, name)
         _check_launch()
+        # The raw validation split, for `fit_adaptation_prior` at the end of `train` (the trainer's own copy is
+        # tokenized or indexed into the feature table).
+        self._raw_eval_dataset = eval_dataset
         model_init_kwargs = args.model_init_kwargs
         if isinstance(model, str):
             if quantization_config is not None:
@@ -757,6 +761,11 @@ class PalRewardTrainer(RewardTrainer):
         if resume_from_checkpoint:
             self._check_checkpoint_registry(resume_from_checkpoint)
         self._replicate_user_table()
+        model = self._pal_model
+        trained_rows = model.user_rows(self.train_users).tolist()
+        if model.config.num_user_posteriors and set(trained_rows) & set(model.user_posterior_rows.tolist()):
+            logger.info("Training users that `adapt_users` fitted: their few-shot posteriors are dropped.")
+            model.drop_user_posteriors(trained_rows)
         self._sparse_user_table = self._sparse_user_table_update()
         if self._sparse_user_table is not None:
             self._sparse_user_table.attach()
@@ -768,9 +777,10 @@ class PalRewardTrainer(RewardTrainer):
                 self.remove_callback(self._sparse_user_table)
                 self._sparse_user_table.detach()
                 self._sparse_user_table = None
-        model = self._pal_model
         with self.full_pal_parameters():
-            model.refresh_population_mixture(model.user_rows(self.train_users).tolist())
+            model.refresh_population_mixture(trained_rows)
+        if self.args.fit_adaptation_prior and model.config.num_prototypes > 1:
+            self.fit_adaptation_prior()
         return output
 
     def _last_complete_checkpoint(self) -> str:
@@ -1026,16 +1036,31 @@ class PalRewardTrainer(RewardTrainer):
         prior_strength: float | None = None,
     ) -> dict[str, Any]:
         """
-        Few-shot localization of new users: registers every user of `dataset` the model does not know, starting at the
-        population mixture, and fits only their mixture logits (K numbers each) on their comparisons, all users at once,
-        by full-batch Adam on the Bradley-Terry loss plus a Gaussian prior towards the population logits. Everything
-        else (backbone, heads, prototypes, every known user) is frozen and left bit-identical.
+        Few-shot localization of new users: registers every user of `dataset` the model does not know and fits only
+        their mixture logits (K numbers each), all users at once, by Bayes' rule under the model's population prior
+        (`model.config.adaptation_prior`, learned by [`fit_adaptation_prior`] at the end of `train`; see
+        `pal_rm.adaptation`). The log-posterior of a user's logits `z` is
+
+            sum_{pairs j of the user} log sigmoid(r_z(chosen_j) - r_z(rejected_j))  +  log prior(z)
+
+        (a sum: every comparison adds evidence while the prior keeps a fixed weight). With the empirical prior (the
+        trained users' logits, kernel-blurred) the user gets the posterior-mean mixture, computed exactly on particles;
+        with the Gaussian prior `N(mean, diag(std^2) / strength)`, the MAP estimate
+        ([`~pal_rm.losses.map_adaptation_objective`], full-batch Adam, the trainer's `loss_type`). Without a learned
+        prior, the Gaussian with the trained users' mean and spread at strength 1 (logged). Each new user also gets its
+        posterior covariance (see `model.user_confidence`). Everything else (backbone, heads, prototypes, every known
+        user) is frozen and left bit-identical.
 
         The responses are encoded once: from the embedding cache with a frozen backbone, or with the current (trained)
         backbone when `train_backbone=True`. The call is all-or-nothing: if it raises (bad rows, non-finite features
         or loss), no user is left registered.
 
-        Returns a dict with the new users, their rows and the final training loss and accuracy on `dataset`.
+        Args:
+            prior_strength (`float`, *optional*): fit with the Gaussian prior at this strength (the learned mean and
+                spread) instead of the learned prior.
+
+        Returns a dict with the new users, their rows, their numbers of comparisons, the final objective per
+        comparison and the training accuracy on `dataset`.
         """
         args = self.args
         steps = args.adapt_steps if steps is None else steps
@@ -1052,8 +1077,12 @@ class PalRewardTrainer(RewardTrainer):
         was_training = model.training
         try:
             with self.full_pal_parameters():
+                prior = model.adaptation_prior()
+                prior_rows = model.trained_user_rows()  # before the new users are registered
                 rows = model.add_users(new_users)
-                result = self._fit_new_users(dataset, new_users, rows, steps, learning_rate, prior_strength)
+                result = self._fit_new_users(
+                    dataset, new_users, rows, steps, learning_rate, prior, prior_strength, prior_rows
+                )
                 self._broadcast_user_rows(rows[0], len(new_users))
         except BaseException:
             model.truncate_users(num_users_before)  # all-or-nothing: no half-fitted user stays registered
@@ -1061,6 +1090,56 @@ class PalRewardTrainer(RewardTrainer):
         finally:
             model.train(was_training)
         return result
+
+    def fit_adaptation_prior(
+        self, dataset: Dataset | None = None, candidates: dict[str, tuple[float, ...]] | None = None
+    ) -> dict | None:
+        """
+        Learns the population prior of [`adapt_users`] (see [`pal_rm.adaptation.fit_adaptation_prior`]): from the
+        training users' mixture logits, an empirical (kernel) or Gaussian prior whose bandwidth or strength is chosen by
+        fitting seen users again from part of their comparisons in `dataset` (default: the trainer's `eval_dataset`; a
+        validation split, never test) and scoring the rest. Stored in `model.config.adaptation_prior` (saved with the
+        model and shown in its model card). Called at the end of `train` when `args.fit_adaptation_prior`. Without a
+        validation split nothing is chosen: a warning says so and adaptation uses a Gaussian with the trained users'
+        mean and spread at strength 1.
+        """
+        model = self._pal_model
+        if model.config.num_prototypes < 2:
+            return None
+        if dataset is None:
+            dataset = self._raw_eval_dataset
+            if isinstance(dataset, dict):
+                dataset = dataset.get("validation", dataset.get("eval", next(iter(dataset.values()), None)))
+        if dataset is None:
+            logger.warning(
+                "No validation split (`eval_dataset`): the strength of the adaptation prior is not chosen on data; "
+                "`adapt_users` uses the trained users' mean and spread of mixture logits at strength 1. Pass "
+                "`eval_dataset` or call `trainer.fit_adaptation_prior(validation_dataset)`."
+            )
+            return None
+        args = self.args
+        with self.full_pal_parameters():
+            features = self._adaptation_features(dataset, 0)
+            if features["users"].numel() == 0:
+                raise ValueError("`fit_adaptation_prior`: the validation split holds no comparison of a trained user.")
+            pairs = embed_pairs(model, features["chosen"], features["rejected"], features["prompt"])
+            try:
+                prior = _fit_adaptation_prior(
+                    model,
+                    pairs,
+                    features["users"],
+                    model.user_rows(self.train_users).tolist(),
+                    candidates=candidates,
+                    margin=features["margin"],
+                    loss_type=args.loss_type,
+                    steps=args.adapt_steps,
+                    learning_rate=args.adapt_learning_rate,
+                    seed=args.seed,
+                )
+            except NotEnoughValidationData as error:
+                logger.warning(f"{error} `adapt_users` keeps the trained users' mean and spread at strength 1.")
+                return None
+        return prior
 
     def _adaptation_features(self, dataset: Dataset, first_row: int) -> dict[str, torch.Tensor]:
         """Per-comparison features of the new users' rows of `dataset` (rows of known users are skipped)."""
@@ -1110,70 +1189,58 @@ class PalRewardTrainer(RewardTrainer):
                 _check_finite(features[name], f"{name} features", "adaptation")
         return {name: value.to(device) if value is not None else None for name, value in features.items()}
 
-    def _fit_new_users(self, dataset, new_users, rows, steps, learning_rate, prior_strength) -> dict[str, Any]:
+    def _fit_new_users(
+        self, dataset, new_users, rows, steps, learning_rate, prior, prior_strength, prior_rows
+    ) -> dict[str, Any]:
         model, args = self._pal_model, self.args
         first_row = rows[0]
         features = self._adaptation_features(dataset, first_row)
-        local = features["users"] - first_row
-        margin = features["margin"]
-        device = local.device
+        if not prior.learned:
+            logger.warning(
+                "`adapt_users`: the model has no learned adaptation prior (`config.adaptation_prior`); using the "
+                "trained users' mean and spread of mixture logits at strength 1. Train with an `eval_dataset` (or call "
+                "`trainer.fit_adaptation_prior(validation_dataset)`) to choose the strength on data."
+            )
+        if prior_strength is not None:
+            prior = type(prior)(
+                mean=prior.mean,
+                std=prior.std,
+                strength=float(prior_strength),
+                learned=prior.learned,
+                method="gaussian",
+            )
         model.eval()
+        pairs = embed_pairs(model, features["chosen"], features["rejected"], features["prompt"])
+        fit = fit_users(
+            model,
+            pairs,
+            features["users"] - first_row,
+            len(new_users),
+            prior,
+            margin=features["margin"],
+            loss_type=args.loss_type,
+            steps=steps,
+            learning_rate=learning_rate,
+            show_progress=not args.disable_tqdm,
+            seed=args.seed,
+            prior_rows=prior_rows,
+        )
         with torch.no_grad():
-            chosen_embeddings = model.item_head(features["chosen"])
-            rejected_embeddings = model.item_head(features["rejected"])
-            points = model.prototype_points(features["prompt"], chosen_embeddings.shape[0])
-            prior = model.population_logits().to(device)
-            # With `neg_sq_l2` and `dot`, a pair's reward difference is linear in the mixture: the mixture-weighted
-            # sum of its per-prototype differences (the ||ideal point||^2 terms cancel between chosen and rejected).
-            linear = model.config.similarity in ("neg_sq_l2", "dot")
-            if linear:
-                prototype_differences = model.similarity(chosen_embeddings.unsqueeze(1), points) - model.similarity(
-                    rejected_embeddings.unsqueeze(1), points
-                )
-        logits = torch.nn.Parameter(prior.repeat(len(new_users), 1).clone())
-        optimizer = torch.optim.Adam([logits], lr=learning_rate)
-        counts = torch.bincount(local, minlength=len(new_users)).clamp(min=1).float()
-        temperature = model.config.mixture_temperature
-        progress = tqdm(range(steps), desc="Adapting new users", disable=args.disable_tqdm or steps == 0)
-        difference = torch.zeros(0, device=device)
-        per_user = torch.zeros(len(new_users), device=device)
-        for step in progress:
-            optimizer.zero_grad()
-            weights = torch.softmax(logits / temperature, dim=-1)[local]
-            if linear:
-                difference = (weights * prototype_differences).sum(-1)
-            else:
-                ideal = torch.einsum("bk,bkd->bd", weights, points)
-                difference = model.similarity(chosen_embeddings, ideal) - model.similarity(rejected_embeddings, ideal)
-            if margin is not None:
-                difference = difference - margin
-            per_pair = -torch.nn.functional.logsigmoid(difference)
-            per_user = torch.zeros(len(new_users), device=device).index_add(0, local, per_pair) / counts
-            loss = per_user.sum() + prior_strength * (logits - prior).pow(2).sum()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"`adapt_users`: the loss became {loss.item()} at step {step}; no user was registered. Lower "
-                    "`adapt_learning_rate` or check the new users' comparisons."
-                )
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            if not torch.isfinite(logits).all():
-                raise FloatingPointError(
-                    "`adapt_users`: the fitted mixture logits are not finite; no user was registered."
-                )
-            model.user_weights.weight[first_row : first_row + len(new_users)] = logits.detach().to(
+            model.user_weights.weight[first_row : first_row + len(new_users)] = fit.logits.to(
                 model.user_weights.weight.dtype
             )
-            accuracy = (
-                personalized_preference_metrics(difference.cpu().numpy())["accuracy"]
-                if difference.numel()
-                else float("nan")
-            )
+            model.set_user_posteriors(rows, fit.covariance, fit.num_comparisons.tolist())
         logger.info(
-            f"Adapted {len(new_users)} new users on {local.numel()} comparisons (train accuracy {accuracy:.3f})."
+            f"Adapted {len(new_users)} new users on {len(pairs)} comparisons (train accuracy {fit.accuracy:.3f}, "
+            f"{prior.method} prior)."
         )
-        return {"users": new_users, "rows": rows, "loss": per_user.mean().item(), "accuracy": accuracy}
+        return {
+            "users": new_users,
+            "rows": rows,
+            "num_comparisons": fit.num_comparisons.tolist(),
+            "loss": fit.loss,
+            "accuracy": fit.accuracy,
+        }
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """

@@ -58,7 +58,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from pal_rm import PalRewardModel
 from pal_rm.hub import resolve_user_id_salt
-from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+from pal_rm.trainers import PalRewardConfig, PalRewardTrainer, choose_num_prototypes
 from pal_rm.utils import MINILM, resolve_model_path
 
 logger = logging.get_logger(__name__)
@@ -125,6 +125,13 @@ class PalScriptArguments:
         default=True, metadata={"help": "Also train the one-reward-for-everyone Bradley-Terry baseline."}
     )
     adapt_unseen_users: bool = field(default=True, metadata={"help": "Fit and evaluate the unseen users."})
+    choose_num_prototypes: int | None = field(
+        default=None,
+        metadata={
+            "help": "Choose K among 1..N by the seen users' validation accuracy (the smallest on ties), then train "
+            "that K as the run's model; overrides --num_prototypes."
+        },
+    )
     sanity_checks: bool = field(
         default=True, metadata={"help": "Run `pal_rm.sanity`'s user-swap and label-flip checks on the trained model."}
     )
@@ -471,6 +478,38 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         "pooling": model_args.pooling,
     }
     backbone_kwargs = backbone_loading_kwargs(model_args)
+    peft_config = get_peft_config(model_args)
+    k_choice = None
+    if script_args.choose_num_prototypes:
+        if dataset.get("validation") is None:
+            raise ValueError("`--choose_num_prototypes` needs a validation split of the seen users.")
+
+        def model_init(k):
+            return PalRewardModel.from_backbone(
+                backbone_path,
+                variant=model_args.variant,
+                num_prototypes=k,
+                similarity=model_args.similarity,
+                mixture_temperature=model_args.mixture_temperature,
+                **backbone_kwargs,
+                **head_kwargs,
+            )
+
+        choice = choose_num_prototypes(
+            model_init,
+            dataclasses.replace(training_args, output_dir=os.path.join(training_args.output_dir, "choose_k")),
+            dataset["train"],
+            dataset["validation"],
+            max_num_prototypes=script_args.choose_num_prototypes,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
+        k_choice = {"chosen": choice.num_prototypes, "validation_accuracy": choice.validation_accuracy}
+        del choice
+        model_args.num_prototypes = k_choice["chosen"]
+        if training_args.process_index == 0:
+            accuracies = ", ".join(f"K={k}: {v:.3f}" for k, v in k_choice["validation_accuracy"].items())
+            print(f"Chose K={k_choice['chosen']} on the validation split ({accuracies}).")
     model = PalRewardModel.from_backbone(
         backbone_path,
         variant=model_args.variant,
@@ -480,7 +519,6 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         **backbone_kwargs,
         **head_kwargs,
     )
-    peft_config = get_peft_config(model_args)
 
     def make_trainer(model, args, embedding_cache=None):
         return PalRewardTrainer(
@@ -541,7 +579,14 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         )
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as file:
             json.dump(
-                {"results": table, "sanity_checks": sanity, "wall_time_seconds": time.time() - start}, file, indent=2
+                {
+                    "results": table,
+                    "sanity_checks": sanity,
+                    "num_prototypes_choice": k_choice,
+                    "wall_time_seconds": time.time() - start,
+                },
+                file,
+                indent=2,
             )
         print_table(table, dataset, training_args.user_column)
         print_sanity_checks(sanity)

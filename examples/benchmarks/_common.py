@@ -74,9 +74,13 @@ def pal_model(feature_dim: int, variant: str, num_prototypes: int, **head_kwargs
 
 
 def train(model, dataset, args, fixed_mixtures: bool = False) -> PalRewardTrainer:
-    """Trains `model` on `dataset["train"]`. `fixed_mixtures`: the per-group oracle, true mixtures given."""
+    """
+    Trains `model` on `dataset["train"]`; the validation split is the trainer's `eval_dataset`, on which the
+    adaptation prior's strength is chosen at the end of training. `fixed_mixtures`: the per-group oracle, true
+    mixtures given.
+    """
     set_seed(args.seed)
-    trainer = PalRewardTrainer(model, args, train_dataset=dataset["train"])
+    trainer = PalRewardTrainer(model, args, train_dataset=dataset["train"], eval_dataset=dataset["validation"])
     trainer.remove_callback(PrinterCallback)  # the scripts print their own tables
     if fixed_mixtures:
         users, weights = _true_mixtures(dataset["train"], model.config.num_prototypes)

@@ -143,7 +143,7 @@ def _synthetic_gaps(result) -> str:
 
 def render_speed(result, results_dir) -> str:
     cached, naive, scoring, users = (result[p] for p in ("cached", "naive", "scoring", "users"))
-    adapt = cached["adapt"]
+    adapt = result["adapt"]
     rows = [
         [
             "PAL-B training, embedding cache",
@@ -164,8 +164,11 @@ def render_speed(result, results_dir) -> str:
         f"{_machine(result)}; each part in its own process.\n\n"
         + table(["run", "wall time", "peak RSS", "test accuracy"], rows)
         + f"\n\n- training speed-up of the cache: **{result['training_speedup']:.1f}x**\n"
-        f"- fitting {adapt['users']:,} new users ({adapt['comparisons']:,} comparisons): **{adapt['fit_seconds']:.2f} s** "
-        f"(plus {adapt['encode_new_texts_seconds']:.1f} s to encode their new texts once)\n"
+        f"- fitting {adapt['users']:,} new users ({adapt['comparisons']:,} comparisons), all at once: "
+        + ", ".join(f"{name} prior **{fit['seconds']:.2f} s**" for name, fit in adapt["fits"].items())
+        + f" (plus {adapt['encode_new_texts_seconds']:.1f} s to encode their new texts once"
+        + (f"; measured apart with `{adapt['measured']['command']}`" if "measured" in adapt else "")
+        + ")\n"
         f"- scoring a batch of {scoring['batch_size']} (median of alternating runs): PAL-A / backbone forward = "
         f"**{scoring['pal_a_over_backbone']:.3f}**; PAL-B / backbone on items and prompts = "
         f"{scoring['pal_b_over_backbone_items_and_prompts']:.3f}; PAL-B / backbone on items only = "
