@@ -4,7 +4,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from .configuration_pal import PalConfig
-from .modeling_pal import PalPreTrainedModel, PalRewardModel, PalRewardModelOutput
+from .modeling_pal import PalPreTrainedModel, PalRewardModel, PalRewardModelOutput, PalUserConfidence
 from .rewards import PalRewardFunction
 
 __version__ = "0.1.0"
@@ -13,4 +13,11 @@ AutoConfig.register(PalConfig.model_type, PalConfig, exist_ok=True)
 AutoModel.register(PalConfig, PalRewardModel, exist_ok=True)
 AutoModelForSequenceClassification.register(PalConfig, PalRewardModel, exist_ok=True)
 
-__all__ = ["PalConfig", "PalPreTrainedModel", "PalRewardFunction", "PalRewardModel", "PalRewardModelOutput"]
+__all__ = [
+    "PalConfig",
+    "PalPreTrainedModel",
+    "PalRewardFunction",
+    "PalRewardModel",
+    "PalRewardModelOutput",
+    "PalUserConfidence",
+]

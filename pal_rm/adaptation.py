@@ -106,8 +106,8 @@ def embed_pairs(
 @dataclass
 class MixtureFit:
     """
-    The result of [`fit_mixture_logits`]: per user the MAP logits `(U, K)`, the Laplace covariance of the logits
-    `(U, K, K)` and the number of comparisons `(U,)`; per pair the fitted reward differences; the objective per
+    The result of [`fit_users`]: per user the fitted logits `(U, K)` (MAP or posterior-mean mixture), the posterior
+    covariance of the logits `(U, K, K)` and the number of comparisons `(U,)`; per pair the fitted reward differences; the objective per
     comparison and the training accuracy.
     """
 
@@ -541,7 +541,7 @@ def user_particles(
 
     - `answered` given (the user's comparisons so far, as `{"chosen_features", "rejected_features"}` plus
       `"prompt_features"` for PAL-B): the posterior of the model's prior given them (importance weights);
-    - a user fitted by `adapt_users`: draws of its Laplace/particle posterior `N(logits, covariance)`;
+    - a user fitted by `adapt_users`: draws of a Gaussian with its logits and stored posterior covariance;
     - `None` or an unregistered id (nothing answered yet): the prior;
     - a user the model was trained with: draws of `N(its logits, prior covariance)` (logged: it has no posterior).
     """

@@ -87,10 +87,11 @@ class PalUserConfidence(ModelOutput):
             Entropy (nats) of the mixture: `log K` for a uniform mixture, 0 for a single prototype. It says how mixed a
             user is, not how certain the model is about it; `mixture_std` says that.
         mixture_std (`torch.FloatTensor` of shape `(num_users, num_prototypes)`):
-            Posterior standard deviation of each mixture weight (Laplace approximation, delta method); NaN without a
-            posterior.
+            Posterior standard deviation of each mixture weight (from `logit_covariance` by the delta method); NaN
+            without a posterior.
         logit_covariance (`torch.FloatTensor` of shape `(num_users, num_prototypes, num_prototypes)`):
-            Posterior covariance of the mixture logits (Laplace approximation at the MAP estimate); NaN without one.
+            Posterior covariance of the mixture logits: the weighted covariance of the particles (empirical prior) or
+            the Laplace approximation at the MAP estimate (Gaussian prior); NaN without a posterior.
     """
 
     num_comparisons: torch.LongTensor | None = None
@@ -768,8 +769,8 @@ class PalRewardModel(PalPreTrainedModel):
         else:
             self.logit_scale = None
         self.register_buffer("population_mixture", torch.empty(config.num_prototypes), persistent=True)
-        # The Laplace posteriors of the users fitted by `adapt_users` (rows of the user table, covariance of the
-        # logits, number of comparisons); see `user_confidence`.
+        # The posteriors of the users fitted by `adapt_users` (rows of the user table, covariance of the logits,
+        # number of comparisons); see `user_confidence`.
         posteriors, k = config.num_user_posteriors, config.num_prototypes
         self.register_buffer("user_posterior_rows", torch.zeros(posteriors, dtype=torch.long), persistent=True)
         self.register_buffer("user_posterior_covariance", torch.zeros(posteriors, k, k), persistent=True)
@@ -1580,9 +1581,8 @@ class PalRewardModel(PalPreTrainedModel):
     def _check_loaded_weights(self, loading_info: dict, source, registry: str) -> None:
         """Raises on weights the checkpoint lacks (they would be random) or holds but the model has no place for."""
         missing = sorted(loading_info["missing_keys"])
-        if (
-            self.config.num_user_posteriors == 0
-        ):  # checkpoints saved before posteriors were stored lack the (empty) buffers
+        if self.config.num_user_posteriors == 0:
+            # Checkpoints saved before posteriors were stored lack these buffers, which are empty then.
             missing = [key for key in missing if not key.startswith("user_posterior_")]
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
@@ -1946,7 +1946,7 @@ class PalRewardModel(PalPreTrainedModel):
     def set_user_posteriors(
         self, rows: Sequence[int], logit_covariance: torch.Tensor, num_comparisons: Sequence[int]
     ) -> None:
-        """Stores (or replaces) the Laplace posterior covariance of the mixture logits of the given user rows."""
+        """Stores (or replaces) the posterior covariance of the mixture logits of the given user rows."""
         rows = torch.as_tensor(list(rows), dtype=torch.long)
         covariance = torch.as_tensor(logit_covariance, dtype=torch.float32)
         k = self.config.num_prototypes
@@ -1988,7 +1988,7 @@ class PalRewardModel(PalPreTrainedModel):
         """
         How well the model knows each user: the number of comparisons its posterior was fitted on, its mixture and the
         mixture's entropy, and the posterior spread of the mixture weights and logits. Users fitted by
-        `PalRewardTrainer.adapt_users` have a posterior (a Laplace approximation of the MAP fit); users the model was
+        `PalRewardTrainer.adapt_users` have a posterior (see `pal_rm.adaptation`); users the model was
         trained with do not (`num_comparisons=-1`, spreads NaN).
 
         Example:
@@ -2032,7 +2032,7 @@ class PalRewardModel(PalPreTrainedModel):
         user_rows: torch.LongTensor,
     ) -> torch.Tensor:
         """
-        Posterior standard deviation `(N,)` of each row's reward for its user (delta method on the Laplace posterior
+        Posterior standard deviation `(N,)` of each row's reward for its user (delta method on the stored posterior
         of the user's mixture logits); NaN for rows whose user has no stored posterior (see [`user_confidence`]).
         """
         index = self._posterior_index(user_rows)

@@ -342,3 +342,39 @@ def test_all_comparisons_on_one_prompt_adapt_pal_b(tmp_path):
     confidence = model.user_confidence("new")
     assert confidence.num_comparisons.tolist() == [3]
     assert torch.isfinite(confidence.mixture_std).all()
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_posteriors_round_trip_and_older_checkpoints_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = toy_model()
+    model.add_users(["a", "b", "c"])
+    model.set_user_posteriors([2], torch.eye(2).unsqueeze(0) * 0.5, [7])
+    model.save_pretrained(tmp_path / "with")
+    reloaded = PalRewardModel.from_pretrained(tmp_path / "with")
+    confidence = reloaded.user_confidence(["c", "a"])
+    assert confidence.num_comparisons.tolist() == [7, -1]
+    torch.testing.assert_close(confidence.logit_covariance[0], torch.eye(2) * 0.5)
+    # a checkpoint saved before posteriors existed: no buffers, no config fields
+    plain = toy_model()
+    plain.add_users(["a"])
+    plain.save_pretrained(tmp_path / "old")
+    weights = load_file(str(tmp_path / "old" / "model.safetensors"))
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("user_posterior_")},
+        str(tmp_path / "old" / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("num_user_posteriors", "adaptation_prior"):
+        config.pop(key)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    old = PalRewardModel.from_pretrained(tmp_path / "old")
+    assert old.config.num_user_posteriors == 0 and old.config.adaptation_prior is None
+    torch.testing.assert_close(old.user_weights.weight, plain.user_weights.weight)
+    # truncating the registry drops the posteriors of the removed users
+    reloaded.truncate_users(2)
+    assert reloaded.config.num_user_posteriors == 0

@@ -216,6 +216,7 @@ def test_render_results_from_json(tmp_path):
     text = readme.read_text()
     assert text.startswith("intro\n<!-- results:start -->\n") and text.endswith("<!-- results:end -->\nrest\n")
     assert "| 2 | 50 | PAL-A K=2 | 0.844 | 0.852 | -0.8 | 0.812 | 0.840 |" in text
+    assert "K*=2, 50 pairs/user: -2.8. Within 1.5 points everywhere: **missed**" in text
     assert "Not run yet: `python examples/benchmarks/persona.py`" in text and "old" not in text
     assert render.main(["--results_dir", str(results_dir), "--readme", str(readme), "--check"]) == 0
     with pytest.raises(ValueError, match="markers"):

@@ -70,3 +70,38 @@ def test_train_pal_end_to_end_under_accelerate(tmp_path, launcher):
         tokenizer, ["Write a note."] * 2, ["Dear team, hello.", "hey!"], users=model.config.user_ids[0]
     )
     assert rewards.shape == (2,)
+
+
+def test_train_pal_chooses_the_number_of_prototypes_on_validation(tmp_path):
+    output_dir = tmp_path / "pal-k"
+    command = [
+        sys.executable,
+        os.path.join(REPO, "trainers", "train_pal.py"),
+        "--config",
+        os.path.join(REPO, "hub_configs", "pal-demo.yaml"),
+        "--dataset_kwargs",
+        SMALL_DEMO,
+        "--num_train_epochs",
+        "2",
+        "--eval_strategy",
+        "no",
+        "--choose_num_prototypes",
+        "2",
+        "--compare_baseline",
+        "false",
+        "--sanity_checks",
+        "false",
+        "--output_dir",
+        str(output_dir),
+        "--disable_tqdm",
+        "true",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    choice = json.loads((output_dir / "results.json").read_text())["num_prototypes_choice"]
+    accuracy = {int(k): v for k, v in choice["validation_accuracy"].items()}
+    assert sorted(accuracy) == [1, 2]
+    assert choice["chosen"] == min(k for k, v in accuracy.items() if v == max(accuracy.values()))
+    assert f"Chose K={choice['chosen']} on the validation split" in result.stdout
+    assert json.loads((output_dir / "config.json").read_text())["num_prototypes"] == choice["chosen"]

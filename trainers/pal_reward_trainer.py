@@ -1121,7 +1121,12 @@ class PalRewardTrainer(RewardTrainer):
         with self.full_pal_parameters():
             features = self._adaptation_features(dataset, 0)
             if features["users"].numel() == 0:
-                raise ValueError("`fit_adaptation_prior`: the validation split holds no comparison of a trained user.")
+                logger.warning(
+                    "`fit_adaptation_prior`: the validation split holds no comparison of a trained user, so the "
+                    "adaptation prior is not chosen on data; `adapt_users` uses a Gaussian with the trained users' "
+                    "mean and spread at strength 1."
+                )
+                return None
             pairs = embed_pairs(model, features["chosen"], features["rejected"], features["prompt"])
             try:
                 prior = _fit_adaptation_prior(

@@ -425,7 +425,13 @@ def run_experiment(
             trainer.save_model(save_before_adaptation)
         if trainer._pal_model.config.num_prototypes > 1:
             trainer.adapt_users(dataset["unseen_train"])
-        metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
+            metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
+        else:  # K = 1: every user has the one mixture, so new users are scored exactly as the population
+            unknown_users, trainer.args.unknown_users = trainer.args.unknown_users, "population"
+            try:
+                metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
+            finally:
+                trainer.args.unknown_users = unknown_users
         results["unseen_accuracy"] = _accuracy(metrics, "unseen_test")
         results["unseen_user_accuracy_mean"] = metrics["unseen_test_user_accuracy_mean"]
     return results

@@ -21,7 +21,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RESULTS_DIR = os.path.join(HERE, "results")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BENCHMARKS = ("persona", "synthetic", "speed", "lora", "big_backbone", "checkpoints", "summary", "grpo_with_pal")
+BENCHMARKS = (
+    "persona",
+    "synthetic",
+    "active",
+    "speed",
+    "lora",
+    "big_backbone",
+    "checkpoints",
+    "summary",
+    "grpo_with_pal",
+)
 SOURCES = {"grpo_with_pal": os.path.join("outputs", "examples")}  # default: outputs/benchmarks
 
 
@@ -118,7 +128,64 @@ def render_synthetic(result, results_dir) -> str:
         )
         + f"\n\n- PAL-A within 1 point of Bayes-optimal for every K >= K* (every setting): {met}\n"
         + _synthetic_gaps(result)
+        + _synthetic_unseen_gaps(result)
         + _image("synthetic", results_dir)
+    )
+
+
+def _synthetic_unseen_gaps(result) -> str:
+    """Unseen users: PAL-A at K = K* against the Bayes-optimal accuracy on the unseen users' test labels."""
+    gaps = []
+    for run in result["runs"].values():
+        model = run["models"].get(f"PAL-A K={run['true_k']}")
+        if model is not None:
+            bayes = run["bayes_optimal"]["unseen_test"]["realized"]
+            gaps.append((run["true_k"], run["pairs_per_user"], (model["unseen_accuracy"] - bayes) * 100))
+    if not gaps:
+        return ""
+    met = "met" if all(gap >= -1.5 for *_, gap in gaps) else "**missed**"
+    listed = "; ".join(f"K*={k}, {pairs} pairs/user: {gap:+.1f}" for k, pairs, gap in gaps)
+    shots = result["config"]["unseen_shots"]
+    return (
+        f"- unseen users ({shots} comparisons), PAL-A at K = K* minus Bayes-optimal, in points: {listed}. Within 1.5 "
+        f"points everywhere: {met}\n"
+    )
+
+
+def render_active(result, results_dir) -> str:
+    shots = [n for n in (1, 2, 3, 4, 5, 6, 8, 10) if str(n) in next(iter(result["settings"].values()))["random"]]
+    rows, lines = [], []
+    for name, setting in result["settings"].items():
+        for kind in ("random", "active"):
+            reach = setting["questions_to_seen_minus_3_points"][kind]
+            rows.append(
+                [
+                    name,
+                    setting["K"],
+                    setting["seen_accuracy"],
+                    kind,
+                    *[setting[kind][str(n)] for n in shots],
+                    reach if reach is not None else f"> {max(shots)}",
+                ]
+            )
+        prior = setting["adaptation_prior"]
+        chosen = (
+            f"empirical, bandwidth {prior['bandwidth']:g}"
+            if prior.get("method") == "empirical"
+            else f"Gaussian, strength {prior.get('strength', 1):g}"
+        )
+        by_k = ", ".join(f"K={k}: {v:.3f}" for k, v in setting["validation_accuracy_by_K"].items())
+        met = "; ".join(f"{t}: {'met' if ok else '**missed**'}" for t, ok in setting["met"].items())
+        lines.append(
+            f"- {name}: K chosen on validation ({by_k}); prior {chosen}; active reaches random's 10-answer accuracy "
+            f"after {setting['active_questions_to_random_at_10'] or '> 10'} answers. {met}"
+        )
+    header = ["setting", "K", "seen users", "questions"] + [f"{n} answers" for n in shots] + ["to seen - 3 pts"]
+    return (
+        f"### Onboarding new users: chosen vs random questions (`examples/benchmarks/active.py`)\n\n`{result['command']}` "
+        f'on {_machine(result)}. Mean per-user test accuracy of unseen users after n answers; "active" picks each '
+        'question by mutual information given the answers so far (`select_comparisons`), "random" takes the first n '
+        "of the same 50-comparison pool.\n\n" + table(header, rows) + "\n\n" + "\n".join(lines) + "\n"
     )
 
 
@@ -167,7 +234,12 @@ def render_speed(result, results_dir) -> str:
         f"- fitting {adapt['users']:,} new users ({adapt['comparisons']:,} comparisons), all at once: "
         + ", ".join(f"{name} prior **{fit['seconds']:.2f} s**" for name, fit in adapt["fits"].items())
         + f" (plus {adapt['encode_new_texts_seconds']:.1f} s to encode their new texts once"
-        + (f"; measured apart with `{adapt['measured']['command']}`" if "measured" in adapt else "")
+        + (
+            f"; measured apart with `{adapt['measured']['command']}`, "
+            f"{adapt['measured']['machine'].get('torch_threads', '?')} torch thread(s)"
+            if "measured" in adapt
+            else ""
+        )
         + ")\n"
         f"- scoring a batch of {scoring['batch_size']} (median of alternating runs): PAL-A / backbone forward = "
         f"**{scoring['pal_a_over_backbone']:.3f}**; PAL-B / backbone on items and prompts = "

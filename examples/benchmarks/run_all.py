@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ALL = (
     "persona",
     "synthetic",
+    "active",
     "summary",
     "big_backbone",
     "checkpoints",

@@ -99,6 +99,7 @@ def run(true_k: int, pairs_per_user: int, ks, args) -> dict:
 def table(results: dict) -> str:
     header = [
         "K*",
+        "pairs/user",
         "model",
         "seen (test)",
         "Bayes-optimal (test)",
