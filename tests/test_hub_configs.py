@@ -1,6 +1,5 @@
 import glob
 import os
-import sys
 
 import pytest
 
@@ -9,11 +8,8 @@ RECIPES = sorted(glob.glob(os.path.join(REPO, "hub_configs", "*.yaml")))
 
 
 def parser():
-    sys.path.insert(0, os.path.join(REPO, "trainers"))
-    try:
-        from train_pal import make_parser
-    finally:
-        sys.path.pop(0)
+    from pal_rm.trainers.train_pal import make_parser  # trainers/ is installed as pal_rm.trainers
+
     return make_parser()
 
 

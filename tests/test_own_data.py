@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import sys
 
 import datasets
 import pytest
@@ -16,11 +15,8 @@ SPLITS = ("train", "validation", "test", "unseen_train", "unseen_test")
 
 
 def train_pal():
-    sys.path.insert(0, os.path.join(REPO, "trainers"))
-    try:
-        import train_pal
-    finally:
-        sys.path.pop(0)
+    from pal_rm.trainers import train_pal  # trainers/ is installed as pal_rm.trainers
+
     return train_pal
 
 

@@ -11,11 +11,8 @@ SMALL_DEMO = json.dumps(SMALL_DEMO_KWARGS)
 
 
 def test_parser_reads_the_demo_recipe():
-    sys.path.insert(0, os.path.join(REPO, "trainers"))
-    try:
-        from train_pal import make_parser
-    finally:
-        sys.path.pop(0)
+    from pal_rm.trainers.train_pal import make_parser  # trainers/ is installed as pal_rm.trainers
+
     script_args, model_args, training_args = make_parser().parse_args_and_config(
         ["--config", os.path.join(REPO, "hub_configs", "pal-demo.yaml"), "--num_prototypes", "3"]
     )
