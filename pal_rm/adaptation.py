@@ -120,6 +120,10 @@ class MixtureFit:
 
 
 def _check_prior(prior: PalAdaptationPrior, num_prototypes: int) -> None:
+    if prior.method not in PRIOR_CANDIDATES:
+        raise ValueError(f"Unknown prior method {prior.method!r}; choose one of {sorted(PRIOR_CANDIDATES)}.")
+    if not prior.bandwidth >= 0:
+        raise ValueError(f"The empirical prior's bandwidth must be >= 0, got {prior.bandwidth}.")
     if prior.mean.shape != (num_prototypes,) or prior.std.shape != (num_prototypes,):
         raise ValueError(f"The prior needs a mean and a std of shape ({num_prototypes},).")
     if not (prior.strength > 0 and (prior.std > 0).all()):
@@ -383,6 +387,7 @@ def fit_users(
     made of (default: the rows without a few-shot posterior).
     """
     prior = prior if prior is not None else model.adaptation_prior()
+    _check_prior(prior, model.config.num_prototypes)
     if prior.method == "empirical" and loss_type == "sigmoid":
         return fit_empirical_posterior(model, pairs, users, num_users, prior, margin, seed, prior_rows)
     return fit_map_logits(
@@ -441,6 +446,12 @@ def fit_adaptation_prior(
     Returns the stored prior (`model.config.adaptation_prior`).
     """
     candidates = PRIOR_CANDIDATES if candidates is None else candidates
+    unknown = set(candidates) - set(PRIOR_CANDIDATES)
+    if unknown or not any(len(values) for values in candidates.values()):
+        raise ValueError(
+            f"`candidates` must map prior methods ({sorted(PRIOR_CANDIDATES)}) to non-empty lists of settings, got "
+            f"{candidates!r}."
+        )
     if loss_type != "sigmoid":  # the hinge loss has no likelihood for the empirical posterior
         candidates = {"gaussian": candidates.get("gaussian", PRIOR_CANDIDATES["gaussian"])}
     mean, std = model.population_prior_statistics(seen_rows)

@@ -1913,8 +1913,9 @@ class PalRewardModel(PalPreTrainedModel):
 
     def trained_user_rows(self) -> list[int]:
         """Rows of the registered users without a few-shot posterior: the users the model was trained on."""
-        posterior = set(self.user_posterior_rows.tolist())
-        return [row for row in range(self.num_users) if row not in posterior]
+        trained = torch.ones(self.num_users, dtype=torch.bool)
+        trained[self.user_posterior_rows.cpu()] = False
+        return trained.nonzero().flatten().tolist()
 
     @torch.no_grad()
     def population_prior_statistics(
@@ -1970,14 +1971,10 @@ class PalRewardModel(PalPreTrainedModel):
     @torch.no_grad()
     def drop_user_posteriors(self, rows: Sequence[int]) -> None:
         """Forgets the stored posteriors of the given user rows (for example once the trainer trains those users)."""
-        rows = set(int(row) for row in rows)
-        if not rows or self.user_posterior_rows.numel() == 0:
+        rows = torch.as_tensor(list(rows), dtype=torch.long, device=self.user_posterior_rows.device)
+        if rows.numel() == 0 or self.user_posterior_rows.numel() == 0:
             return
-        keep = torch.tensor(
-            [row not in rows for row in self.user_posterior_rows.tolist()],
-            dtype=torch.bool,
-            device=self.user_posterior_rows.device,
-        )
+        keep = ~torch.isin(self.user_posterior_rows, rows)
         self.user_posterior_rows = self.user_posterior_rows[keep]
         self.user_posterior_covariance = self.user_posterior_covariance[keep]
         self.user_posterior_comparisons = self.user_posterior_comparisons[keep]

@@ -291,6 +291,31 @@ def test_selection_and_fit_bad_inputs():
     # non-finite features
     with pytest.raises(ValueError, match="not finite"):
         embed_pairs(model, torch.tensor([[math.nan, 0.0]]), torch.zeros(1, 2))
+    # a misspelt prior method or an empty candidate list is an error, never a quiet fallback
+    mean, std = model.population_prior_statistics()
+    typo = PalAdaptationPrior(mean=mean, std=std, method="gausian")
+    with pytest.raises(ValueError, match="Unknown prior method 'gausian'"):
+        fit_users(model, pairs, torch.tensor([0, 0, 1, 1]), 2, typo)
+    with pytest.raises(ValueError, match="non-empty lists of settings"):
+        fit_adaptation_prior(model, pairs, torch.tensor([0, 0, 1, 1]), [0, 1], candidates={"empirical": ()})
+    with pytest.raises(ValueError, match="non-empty lists of settings"):
+        fit_adaptation_prior(model, pairs, torch.tensor([0, 0, 1, 1]), [0, 1], candidates={"kernel": (0.1,)})
+
+
+def test_adapt_users_with_one_prototype_registers_new_users_with_the_one_mixture(tmp_path):
+    torch.manual_seed(0)
+    model = PalRewardModel(PalConfig(feature_dim=4, num_prototypes=1, preference_dim=4))
+    generator = torch.Generator().manual_seed(0)
+    rows = {
+        "user_id": ["u0", "u1"] * 4,
+        "chosen_features": torch.randn(8, 4, generator=generator).tolist(),
+        "rejected_features": torch.randn(8, 4, generator=generator).tolist(),
+    }
+    trainer = PalRewardTrainer(model, make_args(tmp_path, num_train_epochs=1), train_dataset=Dataset.from_dict(rows))
+    trainer.train()
+    result = trainer.adapt_users(Dataset.from_dict({**rows, "user_id": ["new"] * 8}))
+    assert result["users"] == ["new"] and model.is_registered(["new"]) == [True]
+    torch.testing.assert_close(model.user_mixture_weights()[-1], torch.ones(1))
 
 
 def test_contradictory_comparisons_stay_at_the_prior():

@@ -10,6 +10,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_DEMO = json.dumps(SMALL_DEMO_KWARGS)
 
 
+def run_train_pal(tmp_path, output_dir, launcher, extra=()):
+    """`train_pal.py` on the small demo data for 2 epochs, offline, on one thread."""
+    command = [
+        *launcher,
+        os.path.join(REPO, "trainers", "train_pal.py"),
+        "--config",
+        os.path.join(REPO, "hub_configs", "pal-demo.yaml"),
+        "--dataset_kwargs",
+        SMALL_DEMO,
+        "--num_train_epochs",
+        "2",
+        "--eval_strategy",
+        "no",
+        *extra,
+        "--output_dir",
+        str(output_dir),
+        "--disable_tqdm",
+        "true",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+
 def test_parser_reads_the_demo_recipe():
     from pal_rm.trainers.train_pal import make_parser  # trainers/ is installed as pal_rm.trainers
 
@@ -24,25 +47,9 @@ def test_parser_reads_the_demo_recipe():
 @pytest.mark.parametrize("launcher", [["accelerate", "launch", "--num_processes", "1"]])
 def test_train_pal_end_to_end_under_accelerate(tmp_path, launcher):
     output_dir = tmp_path / "pal-demo"
-    command = [
-        os.path.join(os.path.dirname(sys.executable), launcher[0]),
-        *launcher[1:],
-        os.path.join(REPO, "trainers", "train_pal.py"),
-        "--config",
-        os.path.join(REPO, "hub_configs", "pal-demo.yaml"),
-        "--dataset_kwargs",
-        SMALL_DEMO,
-        "--num_train_epochs",
-        "2",
-        "--eval_strategy",
-        "no",
-        "--output_dir",
-        str(output_dir),
-        "--disable_tqdm",
-        "true",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    result = run_train_pal(
+        tmp_path, output_dir, [os.path.join(os.path.dirname(sys.executable), launcher[0]), *launcher[1:]]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "PAL-B (K=4)" in result.stdout and "Bradley-Terry (one reward for everyone)" in result.stdout
     assert "AutoModel.from_pretrained(" in result.stdout
@@ -71,30 +78,8 @@ def test_train_pal_end_to_end_under_accelerate(tmp_path, launcher):
 
 def test_train_pal_chooses_the_number_of_prototypes_on_validation(tmp_path):
     output_dir = tmp_path / "pal-k"
-    command = [
-        sys.executable,
-        os.path.join(REPO, "trainers", "train_pal.py"),
-        "--config",
-        os.path.join(REPO, "hub_configs", "pal-demo.yaml"),
-        "--dataset_kwargs",
-        SMALL_DEMO,
-        "--num_train_epochs",
-        "2",
-        "--eval_strategy",
-        "no",
-        "--choose_num_prototypes",
-        "2",
-        "--compare_baseline",
-        "false",
-        "--sanity_checks",
-        "false",
-        "--output_dir",
-        str(output_dir),
-        "--disable_tqdm",
-        "true",
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    extra = ["--choose_num_prototypes", "2", "--compare_baseline", "false", "--sanity_checks", "false"]
+    result = run_train_pal(tmp_path, output_dir, [sys.executable], extra)
     assert result.returncode == 0, result.stderr[-4000:]
     choice = json.loads((output_dir / "results.json").read_text())["num_prototypes_choice"]
     accuracy = {int(k): v for k, v in choice["validation_accuracy"].items()}

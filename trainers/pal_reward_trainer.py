@@ -2,6 +2,7 @@
 """`PalRewardTrainer`: TRL's `RewardTrainer` for personalized PAL reward models."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -1200,20 +1201,14 @@ class PalRewardTrainer(RewardTrainer):
         model, args = self._pal_model, self.args
         first_row = rows[0]
         features = self._adaptation_features(dataset, first_row)
-        if not prior.learned:
+        if not prior.learned and model.config.num_prototypes > 1:  # with K = 1 every user has the one mixture
             logger.warning(
                 "`adapt_users`: the model has no learned adaptation prior (`config.adaptation_prior`); using the "
                 "trained users' mean and spread of mixture logits at strength 1. Train with an `eval_dataset` (or call "
                 "`trainer.fit_adaptation_prior(validation_dataset)`) to choose the strength on data."
             )
         if prior_strength is not None:
-            prior = type(prior)(
-                mean=prior.mean,
-                std=prior.std,
-                strength=float(prior_strength),
-                learned=prior.learned,
-                method="gaussian",
-            )
+            prior = dataclasses.replace(prior, strength=float(prior_strength), method="gaussian")
         model.eval()
         pairs = embed_pairs(model, features["chosen"], features["rejected"], features["prompt"])
         fit = fit_users(

@@ -423,15 +423,8 @@ def run_experiment(
     if script_args.adapt_unseen_users and "unseen_train" in dataset:
         if save_before_adaptation is not None:  # a failure while adapting never loses the trained model
             trainer.save_model(save_before_adaptation)
-        if trainer._pal_model.config.num_prototypes > 1:
-            trainer.adapt_users(dataset["unseen_train"])
-            metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
-        else:  # K = 1: every user has the one mixture, so new users are scored exactly as the population
-            unknown_users, trainer.args.unknown_users = trainer.args.unknown_users, "population"
-            try:
-                metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
-            finally:
-                trainer.args.unknown_users = unknown_users
+        trainer.adapt_users(dataset["unseen_train"])  # with K = 1 this registers them with the one mixture
+        metrics = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen_test")
         results["unseen_accuracy"] = _accuracy(metrics, "unseen_test")
         results["unseen_user_accuracy_mean"] = metrics["unseen_test_user_accuracy_mean"]
     return results
