@@ -121,13 +121,13 @@ def worker(args) -> None:
         seen = trainer.evaluate(dataset["test"], metric_key_prefix="test")["test_accuracy"]
         trainer.save_model(output_dir)
         with trainer.full_pal_parameters():  # whole even where ZeRO-3 partitions it
-            trained_rows = trainer._pal_model.user_weights.weight.detach().float().cpu().clone()
+            trained_rows = trainer.pal_model.user_weights.weight.detach().float().cpu().clone()
         trainer.adapt_users(dataset["unseen_train"])
         unseen = trainer.evaluate(dataset["unseen_test"], metric_key_prefix="unseen")["unseen_accuracy"]
         trainer.save_model(output_dir + "-adapted")  # the grown user table, saved through the engine
         with trainer.full_pal_parameters():
-            table = trainer._pal_model.user_weights.weight.detach().float().cpu()
-            population = trainer._pal_model.population_mixture.detach().float().cpu()
+            table = trainer.pal_model.user_weights.weight.detach().float().cpu()
+            population = trainer.pal_model.population_mixture.detach().float().cpu()
         tables = gather_object([(table, population)])
         identical = all(torch.equal(t, tables[0][0]) and torch.equal(p, tables[0][1]) for t, p in tables)
         values = (train_loss, seen, unseen)

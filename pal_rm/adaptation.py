@@ -680,7 +680,7 @@ def select_comparisons(
 
 
 def _candidate_features(model: PalRewardModel, candidate_pairs, tokenizer, batch_size: int) -> dict:
-    needs_prompt = model.config.variant == "b"
+    needs_prompt = model.needs_prompt
     if isinstance(candidate_pairs, dict):
         missing = {"features_a", "features_b"} - set(candidate_pairs)
         if needs_prompt and candidate_pairs.get("prompt_features") is None:

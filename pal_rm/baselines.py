@@ -15,6 +15,7 @@ import torch
 from transformers.utils import logging
 
 from .configuration_pal import PalConfig
+from .losses import pair_losses, per_user_sums
 from .metrics import personalized_preference_metrics
 from .modeling_pal import PalRewardModel
 
@@ -99,7 +100,7 @@ class IndependentRewardHeads:
         for _ in range(self.steps):
             optimizer.zero_grad()
             margins = (weights[index] * difference).sum(-1)
-            per_user = torch.zeros(len(self.user_ids)).index_add(0, index, torch.nn.functional.softplus(-margins))
+            per_user = per_user_sums(pair_losses("sigmoid", margins), index, len(self.user_ids))
             loss = (per_user / counts).sum() + self.l2 * weights.pow(2).sum()
             loss.backward()
             optimizer.step()

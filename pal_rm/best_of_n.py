@@ -59,14 +59,9 @@ def best_of_n(
     flat_prompts = [prompt for prompt in prompts for _ in range(n)]
     flat_candidates = [candidate for group in candidates for candidate in group]
     flat_users = None if mixture_weights is not None else [user for user in users for _ in range(n)]
-    rewards = model.score_texts(
-        tokenizer,
-        flat_prompts,
-        flat_candidates,
-        users=flat_users,
-        mixture_weights=mixture_weights,
-        batch_size=batch_size,
-        unknown_users=unknown_users,
+    scorer = model.text_scorer(tokenizer, batch_size=batch_size)
+    rewards = scorer.score(
+        flat_prompts, flat_candidates, users=flat_users, mixture_weights=mixture_weights, unknown_users=unknown_users
     ).view(len(prompts), n)
     index = rewards.argmax(dim=1).tolist()
     return BestOfNOutput(

@@ -7,26 +7,27 @@ transformers API.
 
 from collections import Counter
 
-from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, MODEL_FOR_MASKED_LM_MAPPING, AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-VARIANTS = ("a", "b")
-SIMILARITIES = ("neg_sq_l2", "neg_l2", "cosine", "dot")
+# The names `variant` and `similarity` may take: the keys of `modeling_pal.PROTOTYPE_CLASSES` and
+# `modeling_pal.SIMILARITY_CLASSES`, which register their classes here (`register_prototypes`, `register_similarity`).
+VARIANTS = ["a", "b"]
+SIMILARITIES = ["neg_sq_l2", "neg_l2", "cosine", "dot"]
 POOLINGS = ("last", "mean", "cls")
-ACTIVATIONS = ("relu", "gelu", "silu", "tanh", "identity")
+# transformers' activations (`ACT2FN`), and "identity" (transformers' "linear").
+ACTIVATIONS = ("identity", *ACT2FN)
 BACKBONE_WEIGHTS = ("included", "reference")
 
 
 def _default_pooling(backbone_config) -> str:
     """`mean` for bidirectional encoders (BERT-like), `last` non-pad token for everything else (decoders)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    model_type = getattr(backbone_config, "model_type", None)
     if getattr(backbone_config, "is_decoder", False):
         return "last"
-    return "mean" if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "last"
+    return "mean" if type(backbone_config) in MODEL_FOR_MASKED_LM_MAPPING else "last"
 
 
 def _check_adaptation_prior(prior: dict | None, num_prototypes: int) -> dict | None:
@@ -86,7 +87,8 @@ class PalConfig(PretrainedConfig):
         head_hidden_dims (`list[int]`, *optional*, defaults to `[]`):
             Hidden layer widths of the item map `f` (and of each prototype map `g_k` of PAL-B). Empty: a linear map.
         head_activation (`str`, *optional*, defaults to `"gelu"`):
-            Activation between hidden layers: one of `"relu"`, `"gelu"`, `"silu"`, `"tanh"`, `"identity"`.
+            Activation between hidden layers: a name of transformers' `ACT2FN` (`"relu"`, `"gelu"`, `"silu"`,
+            `"tanh"`, ...) or `"identity"`.
         head_dropout (`float`, *optional*, defaults to 0.0):
             Dropout before every linear layer of the heads.
         similarity (`str`, *optional*, defaults to `"neg_sq_l2"`):
@@ -202,7 +204,7 @@ class PalConfig(PretrainedConfig):
 
         variant = str(variant).lower()
         if variant not in VARIANTS:
-            raise ValueError(f"`variant` must be 'a' or 'b', got {variant!r}.")
+            raise ValueError(f"`variant` must be {' or '.join(repr(name) for name in VARIANTS)}, got {variant!r}.")
         if not isinstance(num_prototypes, int) or isinstance(num_prototypes, bool) or num_prototypes < 1:
             raise ValueError(f"`num_prototypes` must be an integer >= 1, got {num_prototypes!r}.")
         if not isinstance(preference_dim, int) or preference_dim < 1:

@@ -22,13 +22,6 @@ CITATION = """@inproceedings{chen2025pal,
   year      = {2025}
 }"""
 
-_SIMILARITY_TEXT = {
-    "neg_sq_l2": "minus the squared Euclidean distance to the user's ideal point",
-    "neg_l2": "minus the Euclidean distance to the user's ideal point",
-    "cosine": "a scaled cosine similarity with the user's ideal point",
-    "dot": "the inner product with the user's ideal point",
-}
-
 
 def resolve_user_id_salt(salt: str | None = None) -> str | None:
     """The user id salt: `salt` when given, else the `PAL_USER_ID_SALT` environment variable, else `None`."""
@@ -154,6 +147,11 @@ def _backbone_weights_text(layout: dict) -> str:
     return "The full backbone weights are in this checkpoint (`model.safetensors`)."
 
 
+def _part_description(part, fallback: str) -> str:
+    """What the model card says about one of the model's parts: its `description`, or `fallback` and its class."""
+    return getattr(part, "description", None) or f"{fallback} (`{type(part).__name__}`)"
+
+
 def create_model_card(
     model,
     eval_results: dict | None = None,
@@ -191,10 +189,9 @@ def create_model_card(
         if config.hashed_user_ids
         else ""
     )
-    variant_text = (
-        "PAL-A: the K prototypes are points of the preference space; the reward depends on the response."
-        if config.variant == "a"
-        else "PAL-B: the K prototypes are maps of the prompt, so each user's ideal point depends on the prompt."
+    variant_text = _part_description(model.prototype_head, f"variant {config.variant!r}")
+    similarity_text = _part_description(
+        model.similarity, f"the {config.similarity!r} similarity to the user's ideal point"
     )
     dataset_line = f"datasets:\n- {dataset_name}\n" if dataset_name and "/" in dataset_name else ""
     return f"""---
@@ -213,7 +210,7 @@ license: {license}
 This is a **personalized reward model** trained with [pal-rm](https://github.com/pal-rm/pal-rm), an implementation of
 PAL (Chen et al., *Sample-Efficient Personalized Reward Modeling for Pluralistic Alignment*, ICLR 2025). Every user
 has an ideal point in a learned preference space, a convex combination of K shared prototypes; the reward of a
-response for a user is {_SIMILARITY_TEXT[config.similarity]}. Users share what they have in common, each user costs
+response for a user is {similarity_text}. Users share what they have in common, each user costs
 K numbers, and a new user is fitted from a few comparisons.
 
 | | |

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
-from .configuration_pal import PalConfig
+from .configuration_pal import SIMILARITIES, VARIANTS, PalConfig
 
 logger = logging.get_logger(__name__)
-
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
 
 PAL_B_NEEDS_PROMPT = (
     "This is a PAL-B model: its ideal points depend on the prompt, so it needs the prompt apart from the response. "
@@ -124,11 +123,25 @@ class PalAdaptationPrior:
         return torch.diag(self.std.pow(2) / self.strength)
 
 
-LINEAR_SIMILARITIES = ("neg_sq_l2", "dot")
+# ---------------------------------------------------------------------- PAL's parts
+# A PAL model is a backbone `phi` and four parts, each a module below: the item map `f` (`PalMLP`, `item_head`), the
+# prototypes (`PalPrototypePoints` for PAL-A, `PalPrototypeMaps` for PAL-B, `prototype_head`), the users (`PalUsers`:
+# mixture logits, population mixture, posteriors) and the similarity (a `PalSimilarity` from `SIMILARITY_CLASSES`).
+# `PalRewardModel` composes them:
+#
+#     w_i = softmax(z_i / tau)                                   (PalUsers)
+#     a_i(x_c) = sum_k w_ik p_k(x_c)                             (prototype_head: p_k = p_k (A) or g_k(phi(x_c)) (B))
+#     r_i(x) = sim(f(phi(x)), a_i(x_c))                          (item_head, similarity)
+#
+# Each part says what the rest of the code needs to know about it (whether the prototypes need the prompt, whether a
+# similarity is linear in the ideal point, which learning-rate group its parameters belong to), so a new variant or
+# similarity is one class and one registry entry.
 
 
 class PalMLP(nn.Module):
     """`in_features -> hidden_dims... -> out_features`, dropout before every linear layer, activation in between."""
+
+    parameter_group = "heads"
 
     def __init__(
         self, in_features: int, hidden_dims: Sequence[int], out_features: int, activation: str, dropout: float
@@ -141,15 +154,55 @@ class PalMLP(nn.Module):
                 layers.append(nn.Dropout(dropout))
             layers.append(nn.Linear(width_in, width_out))
             if index < len(widths) - 2:
-                layers.append(_ACTIVATIONS[activation]())
+                # "identity" is PAL's name (kept in saved configs) for transformers' "linear".
+                layers.append(ACT2FN["linear" if activation == "identity" else activation])
         self.layers = nn.Sequential(*layers)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layers(hidden)
 
 
+def tile_rows(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    """`tensor` with `batch_size` rows: as it is, or tiled (TRL's chosen-then-rejected layout); else a `ValueError`."""
+    if tensor.shape[0] == batch_size:
+        return tensor
+    if tensor.shape[0] > 0 and batch_size % tensor.shape[0] == 0:
+        return tensor.repeat(batch_size // tensor.shape[0], *([1] * (tensor.dim() - 1)))
+    raise ValueError(
+        f"`{name}` has {tensor.shape[0]} rows for a batch of {batch_size} sequences; it must have one row per "
+        "sequence (or per pair, tiled over the chosen/rejected halves)."
+    )
+
+
+class PalPrototypePoints(nn.Module):
+    """
+    PAL-A's prototypes: K points `p_k` of the preference space, the same for every prompt, so a user's ideal point
+    `a_i = sum_k w_ik p_k` and the reward depend on the response only. `forward` gives each row's prototype points
+    `(batch_size, K, d)`.
+    """
+
+    needs_prompt = False
+    parameter_group = "prototypes"
+    description = "PAL-A: the K prototypes are points of the preference space; the reward depends on the response."
+
+    def __init__(self, config: PalConfig):
+        super().__init__()
+        self.points = nn.Parameter(torch.empty(config.num_prototypes, config.preference_dim))
+
+    def forward(self, prompt_features: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        return self.points.unsqueeze(0).expand(batch_size, -1, -1)
+
+
 class PalPrototypeMaps(nn.Module):
-    """PAL-B's K prototype maps `g_k: R^H -> R^d`, applied to the prompt feature: `(B, H) -> (B, K, d)`."""
+    """
+    PAL-B's prototypes: K maps `g_k: R^H -> R^d` of the prompt feature, so a user's ideal point `a_i(x_c) = sum_k w_ik
+    g_k(phi(x_c))` depends on the prompt. `forward` maps `(B, H)` prompt features to `(batch_size, K, d)` points (tiled
+    when there is one prompt per pair).
+    """
+
+    needs_prompt = True
+    parameter_group = "heads"
+    description = "PAL-B: the K prototypes are maps of the prompt, so each user's ideal point depends on the prompt."
 
     def __init__(self, config: PalConfig):
         super().__init__()
@@ -164,8 +217,132 @@ class PalPrototypeMaps(nn.Module):
             for _ in range(config.num_prototypes)
         )
 
-    def forward(self, prompt_features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([prototype_map(prompt_features) for prototype_map in self.maps], dim=1)
+    def forward(self, prompt_features: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        if prompt_features is None:
+            raise ValueError(PAL_B_NEEDS_PROMPT)
+        points = torch.stack([prototype_map(prompt_features) for prototype_map in self.maps], dim=1)
+        return tile_rows(points, batch_size, "prompt_features")
+
+
+# `PalConfig.variant` -> the prototypes' class; grown by `register_prototypes`.
+PROTOTYPE_CLASSES: dict[str, type[nn.Module]] = {}
+
+
+def register_prototypes(variant: str, prototypes_class: type[nn.Module]) -> type[nn.Module]:
+    """
+    Makes `prototypes_class` available as `PalConfig(variant=variant)`. The class takes the config, says whether it
+    `needs_prompt`, which learning-rate group its parameters join (`parameter_group`) and how the model card
+    describes it (`description`), and maps `(prompt_features or None, batch_size)` to the prototype points
+    `(batch_size, K, d)` of each row.
+    """
+    PROTOTYPE_CLASSES[variant] = prototypes_class
+    if variant not in VARIANTS:
+        VARIANTS.append(variant)
+    return prototypes_class
+
+
+register_prototypes("a", PalPrototypePoints)
+register_prototypes("b", PalPrototypeMaps)
+
+
+class PalSimilarity(nn.Module):
+    """
+    The reward of a response for an ideal point, `sim(f(phi(x)), a)`: `forward(item_embeddings, ideal_points)` maps
+    `(..., d), (..., d) -> (...)`, broadcasting over the leading dimensions. Subclasses set `linear_in_ideal_point`
+    when the reward *difference* of two responses is linear in the ideal point (then a pair's difference for any
+    mixture is the mixture-weighted sum of its differences for each prototype, which few-shot adaptation uses), and
+    `description` (for the model card). Register one with [`register_similarity`].
+    """
+
+    linear_in_ideal_point = False
+    parameter_group = "logit_scale"
+    description = None
+
+    def __init__(self, config: PalConfig):
+        super().__init__()
+
+    def forward(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# `PalConfig.similarity` -> the similarity's class; grown by `register_similarity`.
+SIMILARITY_CLASSES: dict[str, type[PalSimilarity]] = {}
+
+
+def register_similarity(name: str):
+    """
+    Class decorator that makes a [`PalSimilarity`] subclass available as `PalConfig(similarity=name)`.
+
+    Example:
+
+    ```python
+    >>> @register_similarity("neg_l1")
+    ... class NegL1Similarity(PalSimilarity):
+    ...     description = "minus the L1 distance to the user's ideal point"
+    ...
+    ...     def forward(self, item_embeddings, ideal_points):
+    ...         return -(item_embeddings - ideal_points).abs().sum(-1)
+    ```
+    """
+
+    def register(cls: type[PalSimilarity]) -> type[PalSimilarity]:
+        if not (isinstance(cls, type) and issubclass(cls, PalSimilarity)):
+            raise TypeError(f"`register_similarity({name!r})` needs a subclass of PalSimilarity, got {cls!r}.")
+        SIMILARITY_CLASSES[name] = cls
+        if name not in SIMILARITIES:
+            SIMILARITIES.append(name)
+        return cls
+
+    return register
+
+
+@register_similarity("neg_sq_l2")
+class PalNegSquaredL2Similarity(PalSimilarity):
+    """`-||e - a||^2`: the reward difference of two responses is linear in the ideal point (the `||a||^2` cancel)."""
+
+    linear_in_ideal_point = True
+    description = "minus the squared Euclidean distance to the user's ideal point"
+
+    def forward(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
+        return -(item_embeddings - ideal_points).pow(2).sum(-1)
+
+
+@register_similarity("neg_l2")
+class PalNegL2Similarity(PalSimilarity):
+    """`-||e - a||`."""
+
+    description = "minus the Euclidean distance to the user's ideal point"
+
+    def forward(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
+        return -((item_embeddings - ideal_points).pow(2).sum(-1) + 1e-12).sqrt()
+
+
+@register_similarity("dot")
+class PalDotSimilarity(PalSimilarity):
+    """`<e, a>`."""
+
+    linear_in_ideal_point = True
+    description = "the inner product with the user's ideal point"
+
+    def forward(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
+        return (item_embeddings * ideal_points).sum(-1)
+
+
+@register_similarity("cosine")
+class PalCosineSimilarity(PalSimilarity):
+    """`s * cos(e, a)` with a learned logit scale `s` (stored as `log s`, clamped at `config.logit_scale_max`)."""
+
+    description = "a scaled cosine similarity with the user's ideal point"
+
+    def __init__(self, config: PalConfig):
+        super().__init__(config)
+        self.logit_scale_init = config.logit_scale_init
+        self.logit_scale_max = config.logit_scale_max
+        self.logit_scale = nn.Parameter(torch.empty(()))
+
+    def forward(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
+        scale = self.logit_scale.exp().clamp(max=self.logit_scale_max)
+        return scale * nn.functional.cosine_similarity(item_embeddings, ideal_points, dim=-1, eps=1e-8)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -689,6 +866,169 @@ def weights_fingerprint(state_dict: dict[str, torch.Tensor]) -> str | None:
     return f"{','.join(sorted(dtypes))}:{digest.hexdigest()[:32]}"
 
 
+class PalUsers(nn.Module):
+    """
+    The users: one row of K mixture logits `z_i` per registered user (`logits`, an `nn.Embedding`), whose softmax at
+    temperature `tau` is the user's mixture `w_i`; the population mixture (what rows without a user are scored for:
+    the mean mixture of the trained users); and the posteriors of the users fitted by few-shot adaptation (their rows,
+    the covariance of their logits and how many comparisons they were fitted on). Rows are named by the model's user
+    registry (`config.user_ids`, see [`PalRewardModel.add_users`]); this module only knows rows.
+    """
+
+    parameter_group = "user_weights"
+
+    def __init__(self, config: PalConfig):
+        super().__init__()
+        k = config.num_prototypes
+        self.temperature = config.mixture_temperature
+        self.logits = nn.Embedding(config.num_users, k)
+        self.register_buffer("population_mixture", torch.empty(k), persistent=True)
+        posteriors = config.num_user_posteriors
+        self.register_buffer("posterior_rows", torch.zeros(posteriors, dtype=torch.long), persistent=True)
+        self.register_buffer("posterior_covariance", torch.zeros(posteriors, k, k), persistent=True)
+        self.register_buffer("posterior_comparisons", torch.zeros(posteriors, dtype=torch.long), persistent=True)
+
+    @property
+    def num_users(self) -> int:
+        return self.logits.num_embeddings
+
+    @property
+    def num_prototypes(self) -> int:
+        return self.logits.embedding_dim
+
+    def mixture_weights(self, logits: torch.Tensor) -> torch.Tensor:
+        """The mixtures `softmax(z / tau)` of mixture logits `(..., K)`."""
+        return torch.softmax(logits / self.temperature, dim=-1)
+
+    def population_logits(self) -> torch.Tensor:
+        """Logits whose softmax (at the temperature) is the population mixture."""
+        return torch.log(self.population_mixture.clamp(min=1e-12)) * self.temperature
+
+    def all_mixture_weights(self) -> torch.Tensor:
+        """Mixture weights `(num_users, K)` of every row."""
+        return self.mixture_weights(full_tensor(self.logits.weight))
+
+    def forward(self, rows: torch.LongTensor) -> torch.Tensor:
+        """Mixture weights `(N, K)` of rows of the table; row `-1` is the population mixture."""
+        if (rows >= self.num_users).any() or (rows < -1).any():
+            bad = int(rows.max()) if (rows >= self.num_users).any() else int(rows.min())
+            raise IndexError(
+                f"User row {bad} is out of range: the model has {self.num_users} users (rows 0 to "
+                f"{self.num_users - 1}, or -1 for the population mixture)."
+            )
+        known = rows >= 0
+        weights = self.population_mixture.unsqueeze(0).expand(rows.shape[0], -1)
+        if known.any():
+            user_mixtures = self.mixture_weights(self.logits(rows.clamp(min=0)))
+            weights = torch.where(known.unsqueeze(-1), user_mixtures, weights.to(user_mixtures.dtype))
+        return weights
+
+    @torch.no_grad()
+    def refresh(self, rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Sets the population mixture to the mean mixture of the given rows (all rows by default)."""
+        if self.num_users == 0:
+            return self.population_mixture
+        weights = self.all_mixture_weights()
+        if rows is not None:
+            weights = weights[torch.as_tensor(list(rows), dtype=torch.long, device=weights.device)]
+        self.population_mixture.copy_(weights.mean(0))
+        return self.population_mixture
+
+    @torch.no_grad()
+    def grow(self, num_new: int) -> None:
+        """Adds `num_new` rows at the population mixture (a new, larger table: build optimizers afterwards)."""
+        old = self.logits
+        old_weight = full_tensor(old.weight)
+        table = nn.Embedding(old_weight.shape[0] + num_new, self.num_prototypes)
+        table.to(device=old_weight.device, dtype=old_weight.dtype)
+        table.weight[: old_weight.shape[0]] = old_weight
+        table.weight[old_weight.shape[0] :] = self.population_logits().to(table.weight.dtype)
+        table.weight.requires_grad_(old.weight.requires_grad)
+        self.logits = table
+
+    @torch.no_grad()
+    def truncate(self, num_users: int) -> None:
+        """Keeps the first `num_users` rows (and their posteriors) only."""
+        old_weight = full_tensor(self.logits.weight)
+        table = nn.Embedding(num_users, self.num_prototypes)
+        table.to(device=old_weight.device, dtype=old_weight.dtype)
+        table.weight.copy_(old_weight[:num_users])
+        table.weight.requires_grad_(self.logits.weight.requires_grad)
+        self.logits = table
+        self.drop_posteriors(range(num_users, old_weight.shape[0]))
+
+    def posterior_index(self, rows: torch.LongTensor) -> torch.LongTensor:
+        """For rows of the table (`-1`: the population), the index of their stored posterior, or `-1`."""
+        lookup = torch.full((self.num_users + 1,), -1, dtype=torch.long, device=rows.device)
+        stored = self.posterior_rows.to(rows.device)
+        lookup[stored] = torch.arange(stored.numel(), device=rows.device)
+        return lookup[torch.where(rows < 0, self.num_users, rows)]
+
+    @torch.no_grad()
+    def set_posteriors(
+        self, rows: Sequence[int], logit_covariance: torch.Tensor, num_comparisons: Sequence[int]
+    ) -> None:
+        """Stores (or replaces) the posterior covariance of the mixture logits of the given rows."""
+        rows = torch.as_tensor(list(rows), dtype=torch.long)
+        covariance = torch.as_tensor(logit_covariance, dtype=torch.float32)
+        k = self.num_prototypes
+        if covariance.shape != (rows.numel(), k, k) or len(num_comparisons) != rows.numel():
+            raise ValueError(
+                f"Posteriors of {rows.numel()} users need a covariance of shape ({rows.numel()}, {k}, {k}) and one "
+                f"count each, got {tuple(covariance.shape)} and {len(num_comparisons)}."
+            )
+        if rows.numel() and (rows.min() < 0 or rows.max() >= self.num_users):
+            raise IndexError(f"User rows must be registered (0 to {self.num_users - 1}), got {rows.tolist()[:10]}.")
+        if not torch.isfinite(covariance).all():
+            raise FloatingPointError("The posterior covariances to store are not finite.")
+        self.drop_posteriors(rows.tolist())
+        device = self.posterior_rows.device
+        self.posterior_rows = torch.cat([self.posterior_rows, rows.to(device)])
+        self.posterior_covariance = torch.cat([self.posterior_covariance, covariance.to(device)])
+        counts = torch.as_tensor(list(num_comparisons), dtype=torch.long, device=device)
+        self.posterior_comparisons = torch.cat([self.posterior_comparisons, counts])
+
+    @torch.no_grad()
+    def drop_posteriors(self, rows: Sequence[int]) -> None:
+        """Forgets the stored posteriors of the given rows."""
+        rows = torch.as_tensor(list(rows), dtype=torch.long, device=self.posterior_rows.device)
+        if rows.numel() == 0 or self.posterior_rows.numel() == 0:
+            return
+        keep = ~torch.isin(self.posterior_rows, rows)
+        self.posterior_rows = self.posterior_rows[keep]
+        self.posterior_covariance = self.posterior_covariance[keep]
+        self.posterior_comparisons = self.posterior_comparisons[keep]
+
+
+# State-dict keys of checkpoints saved before PAL's parts were modules -> today's keys. `from_pretrained` and
+# `load_state_dict` (the trainer's resume) rename them, so such checkpoints still load.
+USER_TABLE_KEY = "users.logits.weight"
+
+LEGACY_KEY_MAPPING = {
+    r"^prototypes$": "prototype_head.points",
+    r"^prototype_maps\.": "prototype_head.",
+    r"^user_weights\.weight$": "users.logits.weight",
+    r"^population_mixture$": "users.population_mixture",
+    r"^user_posterior_": "users.posterior_",
+    r"^logit_scale$": "similarity.logit_scale",
+}
+
+
+def rename_legacy_keys(state_dict: dict, prefix: str = "") -> dict:
+    """Renames, in place, the keys of `state_dict` (under `prefix`) saved with the layout before PAL's parts."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        name = key[len(prefix) :]
+        for pattern, replacement in LEGACY_KEY_MAPPING.items():
+            name = re.sub(pattern, replacement, name)
+        if prefix + name != key:
+            state_dict[prefix + name] = state_dict.pop(key)
+    return state_dict
+
+
+def _rename_legacy_keys_hook(state_dict, prefix, *args) -> None:
+    rename_legacy_keys(state_dict, prefix)
+
+
 class PalPreTrainedModel(PreTrainedModel):
     config_class = PalConfig
     base_model_prefix = "backbone"
@@ -700,12 +1040,11 @@ class PalPreTrainedModel(PreTrainedModel):
     # whatever dtype the backbone is loaded in.
     _keep_in_fp32_modules_strict = [
         "item_head",
-        "prototypes",
-        "prototype_maps",
-        "user_weights",
-        "logit_scale",
-        "population_mixture",
-        "user_posterior_covariance",
+        "prototype_head",
+        "users.logits",
+        "users.population_mixture",
+        "users.posterior_covariance",
+        "similarity",
     ]
 
     @torch.no_grad()
@@ -717,15 +1056,15 @@ class PalPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, PalRewardModel):
-            if module.prototypes is not None:
-                nn.init.normal_(module.prototypes, mean=0.0, std=1.0 / math.sqrt(self.config.preference_dim))
-            if module.logit_scale is not None:
-                module.logit_scale.fill_(math.log(self.config.logit_scale_init))
-            module.population_mixture.fill_(1.0 / self.config.num_prototypes)
-            module.user_posterior_rows.zero_()
-            module.user_posterior_covariance.zero_()
-            module.user_posterior_comparisons.zero_()
+        elif isinstance(module, PalPrototypePoints):
+            nn.init.normal_(module.points, mean=0.0, std=1.0 / math.sqrt(self.config.preference_dim))
+        elif isinstance(module, PalCosineSimilarity):
+            module.logit_scale.fill_(math.log(module.logit_scale_init))
+        elif isinstance(module, PalUsers):
+            module.population_mixture.fill_(1.0 / module.num_prototypes)
+            module.posterior_rows.zero_()
+            module.posterior_covariance.zero_()
+            module.posterior_comparisons.zero_()
 
 
 class PalRewardModel(PalPreTrainedModel):
@@ -733,9 +1072,12 @@ class PalRewardModel(PalPreTrainedModel):
     A personalized reward model: `r_i(x) = sim(f(phi(x)), a_i)` where `phi` is the backbone, `f` the item map and
     `a_i = sum_k w_ik p_k` user i's ideal point (PAL-A), or `a_i(x_c) = sum_k w_ik g_k(phi(x_c))` (PAL-B).
 
-    Users are rows of `user_weights` (an `nn.Embedding(num_users, num_prototypes)` of mixture logits), named by the
-    string ids in `config.user_ids`. With no user given, rows are scored for the population mixture (the mean mixture
-    of the seen users, refreshed by the trainer) or for the `mixture_weights` the caller passes.
+    The parts: `backbone` (`phi`, any `AutoModel`, or none for pooled features), `item_head` (`f`, a [`PalMLP`]),
+    `prototype_head` ([`PalPrototypePoints`] or [`PalPrototypeMaps`], from `PROTOTYPE_CLASSES[config.variant]`),
+    `users` ([`PalUsers`]: a row of mixture logits per user, the population mixture, the posteriors of fitted users)
+    and `similarity` (a [`PalSimilarity`], from `SIMILARITY_CLASSES[config.similarity]`). Users are named by the string
+    ids in `config.user_ids` (row `i` is `user_ids[i]`). With no user given, rows are scored for the population
+    mixture (the mean mixture of the seen users, refreshed by the trainer) or for the `mixture_weights` passed.
     """
 
     def __init__(self, config: PalConfig, backbone: PreTrainedModel | None = None):
@@ -757,24 +1099,16 @@ class PalRewardModel(PalPreTrainedModel):
             config.head_activation,
             config.head_dropout,
         )
-        if config.variant == "a":
-            self.prototypes = nn.Parameter(torch.empty(config.num_prototypes, config.preference_dim))
-            self.prototype_maps = None
-        else:
-            self.prototypes = None
-            self.prototype_maps = PalPrototypeMaps(config)
-        self.user_weights = nn.Embedding(config.num_users, config.num_prototypes)
-        if config.similarity == "cosine":
-            self.logit_scale = nn.Parameter(torch.empty(()))
-        else:
-            self.logit_scale = None
-        self.register_buffer("population_mixture", torch.empty(config.num_prototypes), persistent=True)
-        # The posteriors of the users fitted by `adapt_users` (rows of the user table, covariance of the logits,
-        # number of comparisons); see `user_confidence`.
-        posteriors, k = config.num_user_posteriors, config.num_prototypes
-        self.register_buffer("user_posterior_rows", torch.zeros(posteriors, dtype=torch.long), persistent=True)
-        self.register_buffer("user_posterior_covariance", torch.zeros(posteriors, k, k), persistent=True)
-        self.register_buffer("user_posterior_comparisons", torch.zeros(posteriors, dtype=torch.long), persistent=True)
+        self.prototype_head = PROTOTYPE_CLASSES[config.variant](config)
+        self.users = PalUsers(config)
+        if config.similarity not in SIMILARITY_CLASSES:
+            raise ValueError(
+                f"Unknown similarity {config.similarity!r}: registered are {sorted(SIMILARITY_CLASSES)}. Register a "
+                "new one with `pal_rm.modeling_pal.register_similarity` before building the model."
+            )
+        self.similarity = SIMILARITY_CLASSES[config.similarity](config)
+        # Checkpoints saved before PAL's parts were modules (see `LEGACY_KEY_MAPPING`) load through `load_state_dict`.
+        self._register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
         # What single-sequence entry points score for when no user is given (see `set_default_mixture`).
         self.default_mixture: torch.Tensor | None = None
         if config.backbone_adapter is not None and self.backbone is not None and loading is None:
@@ -880,19 +1214,39 @@ class PalRewardModel(PalPreTrainedModel):
         }
 
     def _place_pal_parts(self) -> None:
-        """Puts PAL's own parts (heads, prototypes, user table, logit scale) in float32 on the backbone's input device."""
+        """Puts PAL's own parts (heads, prototypes, users, similarity) in float32 on the backbone's input device."""
         device = self.backbone.get_input_embeddings().weight.device
         if device.type == "meta":
             return
         for name, module in self.named_children():
             if name != "backbone":
-                module.to(device=device, dtype=torch.float32)
-        for name, parameter in self.named_parameters(recurse=False):
-            parameter.data = parameter.data.to(device=device, dtype=torch.float32)
-        self.population_mixture.data = self.population_mixture.data.to(device=device, dtype=torch.float32)
-        self.user_posterior_covariance.data = self.user_posterior_covariance.data.to(device, torch.float32)
-        self.user_posterior_rows.data = self.user_posterior_rows.data.to(device)
-        self.user_posterior_comparisons.data = self.user_posterior_comparisons.data.to(device)
+                module.to(device=device, dtype=torch.float32)  # casts floating tensors only: user rows stay integers
+
+    # ------------------------------------------------------------------ the parts, by their usual names
+    @property
+    def needs_prompt(self) -> bool:
+        """Whether the ideal points depend on the prompt (PAL-B), so that scoring needs the prompt apart from the response."""
+        return self.prototype_head.needs_prompt
+
+    @property
+    def prototypes(self) -> torch.Tensor | None:
+        """PAL-A's prototype points `(K, d)` (the `prototype_head.points` parameter); `None` for PAL-B."""
+        return getattr(self.prototype_head, "points", None)
+
+    @property
+    def user_weights(self) -> nn.Embedding:
+        """The user table: one row of K mixture logits per registered user (`users.logits`)."""
+        return self.users.logits
+
+    @property
+    def population_mixture(self) -> torch.Tensor:
+        """The mixture rows without a user are scored for (`users.population_mixture`)."""
+        return self.users.population_mixture
+
+    @property
+    def logit_scale(self) -> torch.Tensor | None:
+        """The cosine similarity's log logit scale (`similarity.logit_scale`); `None` for other similarities."""
+        return getattr(self.similarity, "logit_scale", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -1440,11 +1794,18 @@ class PalRewardModel(PalPreTrainedModel):
         saved_config = cls._checkpoint_config(pretrained_model_name_or_path, config, location)
         by_reference = getattr(saved_config, "backbone_weights", "included") == "reference"
         backbone = cls._load_referenced_backbone(saved_config, kwargs) if by_reference else None
+        # Checkpoints saved before PAL's parts were modules name their weights differently (`LEGACY_KEY_MAPPING`).
+        key_mapping = {**LEGACY_KEY_MAPPING, **(kwargs.pop("key_mapping", None) or {})}
         loading = _LOADING.set({"backbone_by_reference": by_reference})
         try:
             # Mismatched sizes are checked below, where the user table gets its own error.
             model, loading_info = super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+                pretrained_model_name_or_path,
+                *args,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                key_mapping=key_mapping,
+                **kwargs,
             )
         except Exception as error:
             text = f"{type(error).__name__}: {error}"
@@ -1459,25 +1820,27 @@ class PalRewardModel(PalPreTrainedModel):
             raise
         finally:
             _LOADING.reset(loading)
+        # transformers would undo the renaming when saving (writing the old names): saves use today's names.
+        model._weight_conversions = None
         registry = "config.json" if config is None else "the `config` passed to `from_pretrained`"
         mismatched = {key: (tuple(saved), tuple(expected)) for key, saved, expected in loading_info["mismatched_keys"]}
-        if "user_weights.weight" in mismatched:
-            (rows, columns), (users, prototypes) = mismatched["user_weights.weight"]
+        if USER_TABLE_KEY in mismatched:
+            (rows, columns), (users, prototypes) = mismatched[USER_TABLE_KEY]
             detail = (
-                f"{registry} registers {users} users but model.safetensors has {rows} rows in user_weights.weight"
+                f"{registry} registers {users} users but model.safetensors has {rows} rows in {USER_TABLE_KEY}"
                 if rows != users
                 else f"{registry} sets num_prototypes={prototypes} but model.safetensors has {columns} columns in "
-                "user_weights.weight"
+                f"{USER_TABLE_KEY}"
             )
             raise ValueError(
                 f"{detail} (checkpoint {pretrained_model_name_or_path}): the user registry and the user table must "
                 "come from the same save, and a user table is never re-initialised. Use the config.json saved with "
                 "these weights, or load the model that has the right users and save it again."
             )
-        if "user_weights.weight" in loading_info["missing_keys"] and model.num_users > 0:
+        if USER_TABLE_KEY in loading_info["missing_keys"] and model.num_users > 0:
             raise ValueError(
                 f"{registry} registers {model.num_users} users but the weights of {pretrained_model_name_or_path} have "
-                "no user_weights.weight: the user table would be random. Use the config.json saved with these weights."
+                f"no {USER_TABLE_KEY}: the user table would be random. Use the config.json saved with these weights."
             )
         if mismatched and not ignore_mismatched_sizes:
             details = "; ".join(
@@ -1583,7 +1946,7 @@ class PalRewardModel(PalPreTrainedModel):
         missing = sorted(loading_info["missing_keys"])
         if self.config.num_user_posteriors == 0:
             # Checkpoints saved before posteriors were stored lack these buffers, which are empty then.
-            missing = [key for key in missing if not key.startswith("user_posterior_")]
+            missing = [key for key in missing if not key.startswith("users.posterior_")]
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             backbone_keys = [key for key in self.state_dict() if key.startswith("backbone.")]
@@ -1675,11 +2038,11 @@ class PalRewardModel(PalPreTrainedModel):
     # ------------------------------------------------------------------ users
     @property
     def num_users(self) -> int:
-        return self.user_weights.num_embeddings
+        return self.users.num_users
 
     def population_logits(self) -> torch.Tensor:
         """Logits whose softmax (at the model's temperature) is the population mixture."""
-        return torch.log(self.population_mixture.clamp(min=1e-12)) * self.config.mixture_temperature
+        return self.users.population_logits()
 
     def add_users(self, user_ids: Sequence[str]) -> list[int]:
         """
@@ -1700,15 +2063,7 @@ class PalRewardModel(PalPreTrainedModel):
         registry = self._user_registry()
         new_users = list(dict.fromkeys(key for key in keys if key not in registry))
         if new_users:
-            old = self.user_weights
-            old_weight = full_tensor(old.weight)
-            table = nn.Embedding(old_weight.shape[0] + len(new_users), self.config.num_prototypes)
-            table.to(device=old_weight.device, dtype=old_weight.dtype)
-            with torch.no_grad():
-                table.weight[: old_weight.shape[0]] = old_weight
-                table.weight[old_weight.shape[0] :] = self.population_logits().to(table.weight.dtype)
-            table.weight.requires_grad_(old.weight.requires_grad)
-            self.user_weights = table
+            self.users.grow(len(new_users))
             self.config.user_ids = list(self.config.user_ids) + new_users
         registry = self._user_registry()
         return [registry[key] for key in keys]
@@ -1785,7 +2140,7 @@ class PalRewardModel(PalPreTrainedModel):
                     "`PalRewardTrainer.adapt_users(...)`, register it with `model.add_users(...)`, or pass "
                     "`unknown_users='population'` to score unknown users with the population mixture."
                 )
-        return torch.tensor(rows, dtype=torch.long, device=self.user_weights.weight.device)
+        return torch.tensor(rows, dtype=torch.long, device=self.users.logits.weight.device)
 
     def set_user_id_salt(self, salt: str | None) -> None:
         """
@@ -1856,20 +2211,13 @@ class PalRewardModel(PalPreTrainedModel):
         config.user_id_salt_check = salt_check(salt)
         self.user_id_salt = salt
 
-    @torch.no_grad()
     def refresh_population_mixture(self, rows: Sequence[int] | None = None) -> torch.Tensor:
         """Sets the population mixture to the mean mixture of the given rows (all registered users by default)."""
-        if self.num_users == 0:
-            return self.population_mixture
-        weights = self.user_mixture_weights()
-        if rows is not None:
-            weights = weights[torch.as_tensor(list(rows), dtype=torch.long, device=weights.device)]
-        self.population_mixture.copy_(weights.mean(0))
-        return self.population_mixture
+        return self.users.refresh(rows)
 
     def user_mixture_weights(self) -> torch.Tensor:
         """Mixture weights `(num_users, num_prototypes)` of every registered user."""
-        return torch.softmax(full_tensor(self.user_weights.weight) / self.config.mixture_temperature, dim=-1)
+        return self.users.all_mixture_weights()
 
     @torch.no_grad()
     def truncate_users(self, num_users: int) -> None:
@@ -1881,14 +2229,9 @@ class PalRewardModel(PalPreTrainedModel):
             raise ValueError(f"`num_users` must be between 0 and {self.num_users}, got {num_users}.")
         if num_users == self.num_users:
             return
-        old_weight = full_tensor(self.user_weights.weight)
-        table = nn.Embedding(num_users, self.config.num_prototypes)
-        table.to(device=old_weight.device, dtype=old_weight.dtype)
-        table.weight.copy_(old_weight[:num_users])
-        table.weight.requires_grad_(self.user_weights.weight.requires_grad)
-        self.user_weights = table
+        self.users.truncate(num_users)
         self.config.user_ids = list(self.config.user_ids)[:num_users]
-        self.drop_user_posteriors(range(num_users, old_weight.shape[0]))
+        self.config.num_user_posteriors = int(self.users.posterior_rows.numel())
 
     # ------------------------------------------------------------------ adaptation prior and posteriors
     def adaptation_prior(self) -> PalAdaptationPrior:
@@ -1914,7 +2257,7 @@ class PalRewardModel(PalPreTrainedModel):
     def trained_user_rows(self) -> list[int]:
         """Rows of the registered users without a few-shot posterior: the users the model was trained on."""
         trained = torch.ones(self.num_users, dtype=torch.bool)
-        trained[self.user_posterior_rows.cpu()] = False
+        trained[self.users.posterior_rows.cpu()] = False
         return trained.nonzero().flatten().tolist()
 
     @torch.no_grad()
@@ -1927,7 +2270,7 @@ class PalRewardModel(PalPreTrainedModel):
         logits mean anything). The spread is at least `min_std`. Without two users: the population logits and 1.
         """
         device = self.population_mixture.device
-        logits = full_tensor(self.user_weights.weight).float()
+        logits = full_tensor(self.users.logits.weight).float()
         if rows is not None:
             logits = logits[torch.as_tensor(list(rows), dtype=torch.long, device=logits.device)]
         if logits.shape[0] < 2:
@@ -1936,49 +2279,17 @@ class PalRewardModel(PalPreTrainedModel):
         centred = logits - logits.mean(-1, keepdim=True)
         return centred.mean(0).to(device), centred.std(0).clamp(min=min_std).to(device)
 
-    def _posterior_index(self, rows: torch.LongTensor) -> torch.LongTensor:
-        """For rows of the user table (`-1`: the population), the index of their stored posterior, or `-1`."""
-        lookup = torch.full((self.num_users + 1,), -1, dtype=torch.long, device=rows.device)
-        stored = self.user_posterior_rows.to(rows.device)
-        lookup[stored] = torch.arange(stored.numel(), device=rows.device)
-        return lookup[torch.where(rows < 0, self.num_users, rows)]
-
-    @torch.no_grad()
     def set_user_posteriors(
         self, rows: Sequence[int], logit_covariance: torch.Tensor, num_comparisons: Sequence[int]
     ) -> None:
         """Stores (or replaces) the posterior covariance of the mixture logits of the given user rows."""
-        rows = torch.as_tensor(list(rows), dtype=torch.long)
-        covariance = torch.as_tensor(logit_covariance, dtype=torch.float32)
-        k = self.config.num_prototypes
-        if covariance.shape != (rows.numel(), k, k) or len(num_comparisons) != rows.numel():
-            raise ValueError(
-                f"Posteriors of {rows.numel()} users need a covariance of shape ({rows.numel()}, {k}, {k}) and one "
-                f"count each, got {tuple(covariance.shape)} and {len(num_comparisons)}."
-            )
-        if rows.numel() and (rows.min() < 0 or rows.max() >= self.num_users):
-            raise IndexError(f"User rows must be registered (0 to {self.num_users - 1}), got {rows.tolist()[:10]}.")
-        if not torch.isfinite(covariance).all():
-            raise FloatingPointError("The posterior covariances to store are not finite.")
-        self.drop_user_posteriors(rows.tolist())
-        device = self.user_posterior_rows.device
-        self.user_posterior_rows = torch.cat([self.user_posterior_rows, rows.to(device)])
-        self.user_posterior_covariance = torch.cat([self.user_posterior_covariance, covariance.to(device)])
-        counts = torch.as_tensor(list(num_comparisons), dtype=torch.long, device=device)
-        self.user_posterior_comparisons = torch.cat([self.user_posterior_comparisons, counts])
-        self.config.num_user_posteriors = int(self.user_posterior_rows.numel())
+        self.users.set_posteriors(rows, logit_covariance, num_comparisons)
+        self.config.num_user_posteriors = int(self.users.posterior_rows.numel())
 
-    @torch.no_grad()
     def drop_user_posteriors(self, rows: Sequence[int]) -> None:
         """Forgets the stored posteriors of the given user rows (for example once the trainer trains those users)."""
-        rows = torch.as_tensor(list(rows), dtype=torch.long, device=self.user_posterior_rows.device)
-        if rows.numel() == 0 or self.user_posterior_rows.numel() == 0:
-            return
-        keep = ~torch.isin(self.user_posterior_rows, rows)
-        self.user_posterior_rows = self.user_posterior_rows[keep]
-        self.user_posterior_covariance = self.user_posterior_covariance[keep]
-        self.user_posterior_comparisons = self.user_posterior_comparisons[keep]
-        self.config.num_user_posteriors = int(self.user_posterior_rows.numel())
+        self.users.drop_posteriors(rows)
+        self.config.num_user_posteriors = int(self.users.posterior_rows.numel())
 
     @torch.no_grad()
     def user_confidence(self, user_ids: Sequence[str] | str) -> PalUserConfidence:
@@ -1999,18 +2310,17 @@ class PalRewardModel(PalPreTrainedModel):
         if isinstance(user_ids, str):
             user_ids = [user_ids]
         rows = self.user_rows(list(user_ids))
-        temperature = self.config.mixture_temperature
-        logits = self.user_weights(rows).float()
-        weights = torch.softmax(logits / temperature, dim=-1)
+        temperature = self.users.temperature
+        weights = self.users.mixture_weights(self.users.logits(rows).float())
         entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1)
-        index = self._posterior_index(rows)
+        index = self.users.posterior_index(rows)
         k = self.config.num_prototypes
         has = index >= 0
         covariance = torch.full((rows.numel(), k, k), float("nan"), device=rows.device)
         counts = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
         if has.any():
-            covariance[has] = self.user_posterior_covariance[index[has]].to(rows.device)
-            counts[has] = self.user_posterior_comparisons[index[has]].to(rows.device)
+            covariance[has] = self.users.posterior_covariance[index[has]].to(rows.device)
+            counts[has] = self.users.posterior_comparisons[index[has]].to(rows.device)
         # Delta method: d w / d z = (diag(w) - w w^T) / temperature.
         jacobian = (torch.diag_embed(weights) - weights.unsqueeze(-1) * weights.unsqueeze(-2)) / temperature
         weight_covariance = jacobian @ covariance @ jacobian.transpose(-1, -2)
@@ -2032,18 +2342,18 @@ class PalRewardModel(PalPreTrainedModel):
         Posterior standard deviation `(N,)` of each row's reward for its user (delta method on the stored posterior
         of the user's mixture logits); NaN for rows whose user has no stored posterior (see [`user_confidence`]).
         """
-        index = self._posterior_index(user_rows)
+        index = self.users.posterior_index(user_rows)
         spread = torch.full((user_rows.numel(),), float("nan"), device=user_rows.device)
         has = index >= 0
         if not has.any():
             return spread
         with torch.enable_grad():
-            logits = self.user_weights.weight[user_rows[has]].detach().float().clone().requires_grad_(True)
-            weights = torch.softmax(logits / self.config.mixture_temperature, dim=-1)
+            logits = self.users.logits.weight[user_rows[has]].detach().float().clone().requires_grad_(True)
+            weights = self.users.mixture_weights(logits)
             prompts = prompt_features[has] if prompt_features is not None else None
             rewards = self.rewards_from_features(item_features[has], prompts, weights).logits
             (gradient,) = torch.autograd.grad(rewards.sum(), logits)
-        covariance = self.user_posterior_covariance[index[has]].to(gradient.device)
+        covariance = self.users.posterior_covariance[index[has]].to(gradient.device)
         variance = torch.einsum("nk,nkl,nl->n", gradient, covariance, gradient).clamp(min=0)
         spread[has] = variance.sqrt().to(spread.device)
         return spread
@@ -2052,11 +2362,12 @@ class PalRewardModel(PalPreTrainedModel):
         self, chosen_embeddings: torch.Tensor, rejected_embeddings: torch.Tensor, points: torch.Tensor
     ) -> torch.Tensor | None:
         """
-        For similarities linear in the ideal point (`neg_sq_l2`, `dot`), each pair's reward difference for each
-        prototype alone `(num_pairs, K)`: the pair's difference for any mixture is then the mixture-weighted sum of
-        these (the `||a||^2` terms of `neg_sq_l2` cancel between chosen and rejected). `None` for the other similarities.
+        For similarities linear in the ideal point (`PalSimilarity.linear_in_ideal_point`: `neg_sq_l2`, `dot`), each
+        pair's reward difference for each prototype alone `(num_pairs, K)`: the pair's difference for any mixture is
+        then the mixture-weighted sum of these (the `||a||^2` terms of `neg_sq_l2` cancel between chosen and rejected).
+        `None` for the other similarities.
         """
-        if self.config.similarity not in LINEAR_SIMILARITIES:
+        if not self.similarity.linear_in_ideal_point:
             return None
         return self.similarity(chosen_embeddings.unsqueeze(1), points) - self.similarity(
             rejected_embeddings.unsqueeze(1), points
@@ -2080,7 +2391,8 @@ class PalRewardModel(PalPreTrainedModel):
         return self.similarity(chosen_embeddings, ideal) - self.similarity(rejected_embeddings, ideal)
 
     # ------------------------------------------------------------------ forward
-    def _check_features(self, features: torch.Tensor, name: str) -> torch.Tensor:
+    def check_features(self, features: torch.Tensor, name: str) -> torch.Tensor:
+        """`features` `(batch_size, hidden_size)` in the heads' dtype; a `ValueError` naming `name` on another shape."""
         if features.dim() != 2 or features.shape[-1] != self.config.hidden_size:
             raise ValueError(
                 f"`{name}` must have shape (batch_size, {self.config.hidden_size}) (the backbone's pooled width), got "
@@ -2127,13 +2439,13 @@ class PalRewardModel(PalPreTrainedModel):
 
     def _features(self, features, input_ids, attention_mask, token_type_ids, name: str) -> torch.Tensor | None:
         if features is not None:
-            return self._check_features(features, f"{name}_features")
+            return self.check_features(features, f"{name}_features")
         if input_ids is None:
             return None
         input_ids, attention_mask, token_type_ids = self.frame_input_ids(
             input_ids, attention_mask, token_type_ids, name
         )
-        return self._check_features(self.encode(input_ids, attention_mask, token_type_ids), f"{name}_features")
+        return self.check_features(self.encode(input_ids, attention_mask, token_type_ids), f"{name}_features")
 
     def frame_input_ids(self, input_ids, attention_mask=None, token_type_ids=None, kind: str = "item"):
         """
@@ -2212,7 +2524,7 @@ class PalRewardModel(PalPreTrainedModel):
                     "`mixture_weights` must lie on the simplex (non-negative, each row summing to 1), got "
                     f"{weights.tolist()}."
                 )
-            return self._tile(weights, batch_size, "mixture_weights")
+            return tile_rows(weights, batch_size, "mixture_weights")
         if user_ids is None:
             default = self.default_mixture if self.default_mixture is not None else self.population_mixture
             return default.to(device).unsqueeze(0).expand(batch_size, -1)
@@ -2220,51 +2532,12 @@ class PalRewardModel(PalPreTrainedModel):
             user_ids = [user_ids]
         if not isinstance(user_ids, torch.Tensor):
             user_ids = self.user_rows(list(user_ids))
-        rows = self._tile(user_ids.to(device).long().view(-1), batch_size, "user_ids")
-        if (rows >= self.num_users).any() or (rows < -1).any():
-            bad = int(rows.max()) if (rows >= self.num_users).any() else int(rows.min())
-            raise IndexError(
-                f"User row {bad} is out of range: the model has {self.num_users} users (rows 0 to "
-                f"{self.num_users - 1}, or -1 for the population mixture)."
-            )
-        known = rows >= 0
-        weights = self.population_mixture.unsqueeze(0).expand(batch_size, -1)
-        if known.any():
-            logits = self.user_weights(rows.clamp(min=0))
-            user_mixtures = torch.softmax(logits / self.config.mixture_temperature, dim=-1)
-            weights = torch.where(known.unsqueeze(-1), user_mixtures, weights.to(user_mixtures.dtype))
-        return weights
-
-    @staticmethod
-    def _tile(tensor: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
-        if tensor.shape[0] == batch_size:
-            return tensor
-        if tensor.shape[0] > 0 and batch_size % tensor.shape[0] == 0:
-            return tensor.repeat(batch_size // tensor.shape[0], *([1] * (tensor.dim() - 1)))
-        raise ValueError(
-            f"`{name}` has {tensor.shape[0]} rows for a batch of {batch_size} sequences; it must have one row per "
-            "sequence (or per pair, tiled over the chosen/rejected halves)."
-        )
-
-    def similarity(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
-        """The reward of items for ideal points, broadcasting over leading dimensions: `(..., d), (..., d) -> (...)`."""
-        kind = self.config.similarity
-        if kind == "neg_sq_l2":
-            return -(item_embeddings - ideal_points).pow(2).sum(-1)
-        if kind == "neg_l2":
-            return -((item_embeddings - ideal_points).pow(2).sum(-1) + 1e-12).sqrt()
-        if kind == "dot":
-            return (item_embeddings * ideal_points).sum(-1)
-        scale = self.logit_scale.exp().clamp(max=self.config.logit_scale_max)
-        return scale * nn.functional.cosine_similarity(item_embeddings, ideal_points, dim=-1, eps=1e-8)
+        rows = tile_rows(user_ids.to(device).long().view(-1), batch_size, "user_ids")
+        return self.users(rows)
 
     def prototype_points(self, prompt_features: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """The K prototype points of each row, `(batch_size, K, d)`: fixed points (PAL-A) or maps of the prompt (PAL-B)."""
-        if self.config.variant == "a":
-            return self.prototypes.unsqueeze(0).expand(batch_size, -1, -1)
-        if prompt_features is None:
-            raise ValueError(PAL_B_NEEDS_PROMPT)
-        return self._tile(self.prototype_maps(prompt_features), batch_size, "prompt_features")
+        return self.prototype_head(prompt_features, batch_size)
 
     def rewards_from_features(
         self,
@@ -2328,12 +2601,12 @@ class PalRewardModel(PalPreTrainedModel):
         if items is None:
             raise ValueError("Pass the sequences to score as `input_ids` (with `attention_mask`) or `item_features`.")
         prompts = None
-        if self.config.variant == "b":  # PAL-A's ideal points do not depend on the prompt
+        if self.needs_prompt:  # PAL-A's ideal points do not depend on the prompt
             prompts = self._features(
                 prompt_features, prompt_input_ids, prompt_attention_mask, prompt_token_type_ids, "prompt"
             )
-        if self.config.variant == "b" and prompts is None:
-            raise ValueError(PAL_B_NEEDS_PROMPT)
+            if prompts is None:
+                raise ValueError(PAL_B_NEEDS_PROMPT)
         weights = self.resolve_mixture_weights(user_ids, mixture_weights, items.shape[0])
         output = self.rewards_from_features(items, prompts, weights)
         return output if return_dict else output.to_tuple()
@@ -2360,7 +2633,7 @@ class PalRewardModel(PalPreTrainedModel):
         1)` from the backbone's last hidden states, where position t holds the reward of the sequence ending at t.
         Exact for PAL-A with `pooling="last"`; scores for the default mixture (see `set_default_mixture`).
         """
-        if self.config.variant == "b":
+        if self.needs_prompt:
             raise ValueError(PAL_B_NEEDS_PROMPT)
         if self.config.pooling != "last":
             raise ValueError(
@@ -2368,12 +2641,15 @@ class PalRewardModel(PalPreTrainedModel):
                 f"`pooling='last'` (this model pools with {self.config.pooling!r}). Use `forward` or `score_texts`."
             )
         embeddings = self.item_head(hidden_states.to(self.item_head.layers[-1].weight.dtype))
-        weights = self.resolve_mixture_weights(None, None, 1)[0].to(embeddings.dtype)
-        ideal_point = weights @ self.prototypes
+        weights = self.resolve_mixture_weights(None, None, 1).to(embeddings.dtype)
+        ideal_point = torch.einsum("bk,bkd->bd", weights, self.prototype_head(None, 1))[0]
         return self.similarity(embeddings, ideal_point).unsqueeze(-1)
 
-    # ------------------------------------------------------------------ text API
-    @torch.no_grad()
+    # ------------------------------------------------------------------ text API (see `PalTextScorer`)
+    def text_scorer(self, tokenizer, max_length: int | None = None, batch_size: int = 32) -> "PalTextScorer":
+        """A [`PalTextScorer`]: this model reading texts with `tokenizer` (checked against the model's tokenizer)."""
+        return PalTextScorer(self, tokenizer, max_length=max_length, batch_size=batch_size)
+
     def encode_texts(
         self,
         tokenizer,
@@ -2383,44 +2659,11 @@ class PalRewardModel(PalPreTrainedModel):
         show_progress: bool = False,
     ) -> torch.Tensor:
         """
-        Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU. Texts are batched by
-        length and truncated from the left (so the end of a response survives a long prompt).
+        Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU ([`PalTextScorer.encode`]:
+        batched by length, truncated from the left).
         """
-        if self.backbone is None:
-            raise ValueError("This PAL model has no backbone: it scores pooled features, not texts.")
-        self.register_tokenizer(tokenizer)
-        framing = self.config.sequence_framing
-        texts = list(texts)
-        max_length = max_length or default_max_length(tokenizer, self.config)
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
-        features = torch.empty(len(texts), self.config.hidden_size, dtype=torch.float32)
-        device = self.item_head.layers[-1].weight.device
-        was_training = self.training
-        self.eval()
-        batches = range(0, len(order), batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
+        return self.text_scorer(tokenizer, max_length, batch_size).encode(texts, show_progress=show_progress)
 
-            batches = tqdm(batches, desc="Encoding texts", unit="batch")
-        try:
-            for start in batches:
-                index = order[start : start + batch_size]
-                ids = tokenize_texts(tokenizer, [texts[i] for i in index], framing, max_length)
-                input_ids, attention_mask = pad_token_ids(ids, pad_token_id or 0, device)
-                pooled = self.encode(input_ids, attention_mask)
-                if not torch.isfinite(pooled).all():
-                    bad = [index[row] for row in (~torch.isfinite(pooled).all(-1)).nonzero().flatten().tolist()]
-                    raise ValueError(
-                        f"The backbone returned non-finite features (NaN or inf) for texts {bad[:10]} (positions in "
-                        "the list given). Check the backbone's dtype (float16 overflows easily) and weights."
-                    )
-                features[torch.tensor(index)] = pooled.float().cpu()
-        finally:
-            self.train(was_training)
-        return features
-
-    @torch.no_grad()
     def score_texts(
         self,
         tokenizer,
@@ -2437,9 +2680,10 @@ class PalRewardModel(PalPreTrainedModel):
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """
         Rewards `(N,)` of `responses[i]` to `prompts[i]` for `users[i]` (a registered id; `None`: the population), for
-        one user for every row (`users="alice"`), for an explicit mixture, or for the population mixture.
-        Prompts and responses are plain strings or conversations (lists of `{"role", "content"}` messages). An empty
-        response is an error unless `allow_empty_responses=True` (a policy may generate one during RL).
+        one user for every row (`users="alice"`), for an explicit mixture, or for the population mixture
+        ([`PalTextScorer.score`]). Prompts and responses are plain strings or conversations (lists of `{"role",
+        "content"}` messages). An empty response is an error unless `allow_empty_responses=True` (a policy may generate
+        one during RL).
 
         `return_prototype_rewards=True` also returns each row's reward for each prototype `(N, K)`;
         `return_uncertainty=True` also returns (last) the posterior standard deviation of each reward `(N,)` for users
@@ -2451,32 +2695,149 @@ class PalRewardModel(PalPreTrainedModel):
         >>> rewards = model.score_texts(tokenizer, ["Write a haiku."] * 2, ["Short.", "A long answer..."], users="alice")
         ```
         """
+        return self.text_scorer(tokenizer, max_length, batch_size).score(
+            prompts,
+            responses,
+            users=users,
+            mixture_weights=mixture_weights,
+            unknown_users=unknown_users,
+            return_prototype_rewards=return_prototype_rewards,
+            allow_empty_responses=allow_empty_responses,
+            return_uncertainty=return_uncertainty,
+        )
+
+
+class PalTextScorer:
+    """
+    A PAL model reading texts with its tokenizer: the one place where prompt/response pairs (strings or conversations)
+    become the texts the backbone reads ([`format_preference_texts`]), texts become token ids in the model's canonical
+    framing, truncated from the left ([`tokenize_texts`]), and token ids become pooled features, batched by length
+    with every distinct text encoded once. [`PalRewardModel.score_texts`], [`PalRewardModel.encode_texts`],
+    `PalRewardFunction`, best-of-n, the trainer and the feature store read texts through it.
+
+    Args:
+        model ([`PalRewardModel`]): the reward model (with a backbone).
+        tokenizer: the tokenizer saved with the model; another vocabulary is an error ([`PalRewardModel.register_tokenizer`]).
+        max_length (`int`, *optional*): truncation length in tokens (from the left, so the end of a response survives a
+            long prompt). Defaults to the smallest of 512 and the tokenizer's and the backbone's limits.
+        batch_size (`int`, *optional*, defaults to 32): texts per backbone call.
+
+    Example:
+
+    ```python
+    >>> scorer = PalTextScorer(model, tokenizer)
+    >>> rewards = scorer.score(["Write a haiku."] * 2, ["Short.", "A long answer..."], users="alice")
+    ```
+    """
+
+    def __init__(self, model: "PalRewardModel", tokenizer, max_length: int | None = None, batch_size: int = 32):
+        if model.backbone is None:
+            raise ValueError("This PAL model has no backbone: it scores pooled features, not texts.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        model.register_tokenizer(tokenizer)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length or default_max_length(tokenizer, model.config)
+        self.batch_size = batch_size
+
+    def format_pair(self, prompt, response, row: int | None = None, allow_empty: bool = False) -> tuple[str, str]:
+        """`(prompt_text, item_text)` of one response, as the backbone reads it (see [`format_preference_texts`])."""
+        return format_preference_texts(self.tokenizer, prompt, response, row=row, allow_empty=allow_empty)
+
+    def format_pairs(self, prompts: Sequence, responses: Sequence, allow_empty: bool = False) -> list[tuple[str, str]]:
+        """[`format_pair`] of every row; rows are named in errors by their position."""
         prompts, responses = list(prompts), list(responses)
         if len(prompts) != len(responses):
             raise ValueError(f"Got {len(prompts)} prompts and {len(responses)} responses; they must pair up.")
-        pairs = [
-            format_preference_texts(tokenizer, p, r, row=i, allow_empty=allow_empty_responses)
-            for i, (p, r) in enumerate(zip(prompts, responses))
+        return [
+            self.format_pair(p, r, row=i, allow_empty=allow_empty) for i, (p, r) in enumerate(zip(prompts, responses))
         ]
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of texts in the model's canonical framing, truncated from the left to `max_length`."""
+        return tokenize_texts(self.tokenizer, texts, self.model.config.sequence_framing, self.max_length)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+        """Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU, batched by length."""
+        model, tokenizer = self.model, self.tokenizer
+        texts = list(texts)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
+        features = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
+        device = model.item_head.layers[-1].weight.device
+        was_training = model.training
+        model.eval()
+        batches = range(0, len(order), self.batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Encoding texts", unit="batch")
+        try:
+            for start in batches:
+                index = order[start : start + self.batch_size]
+                input_ids, attention_mask = pad_token_ids(
+                    self.tokenize([texts[i] for i in index]), pad_token_id or 0, device
+                )
+                pooled = model.encode(input_ids, attention_mask)
+                if not torch.isfinite(pooled).all():
+                    bad = [index[row] for row in (~torch.isfinite(pooled).all(-1)).nonzero().flatten().tolist()]
+                    raise ValueError(
+                        f"The backbone returned non-finite features (NaN or inf) for texts {bad[:10]} (positions in "
+                        "the list given). Check the backbone's dtype (float16 overflows easily) and weights."
+                    )
+                features[torch.tensor(index)] = pooled.float().cpu()
+        finally:
+            model.train(was_training)
+        return features
+
+    def pair_features(
+        self, prompts: Sequence, responses: Sequence, allow_empty: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        `(item_features, prompt_features)` of prompt/response pairs on the model's device, each distinct text encoded
+        once; `prompt_features` is `None` for a model whose ideal points do not depend on the prompt (PAL-A).
+        """
+        return self._features_of_pairs(self.format_pairs(prompts, responses, allow_empty=allow_empty))
+
+    def _features_of_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        use_prompts = self.model.needs_prompt
+        unique = list(
+            dict.fromkeys(text for prompt, item in pairs for text in ((prompt, item) if use_prompts else (item,)))
+        )
+        index = {text: i for i, text in enumerate(unique)}
+        features = self.encode(unique)
+        device = self.model.item_head.layers[-1].weight.device
+        item_features = features[[index[item] for _, item in pairs]].to(device)
+        prompt_features = features[[index[prompt] for prompt, _ in pairs]].to(device) if use_prompts else None
+        return item_features, prompt_features
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence,
+        responses: Sequence,
+        users: Sequence[str | None] | str | None = None,
+        mixture_weights: torch.Tensor | None = None,
+        unknown_users: str = "error",
+        return_prototype_rewards: bool = False,
+        allow_empty_responses: bool = False,
+        return_uncertainty: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Rewards `(N,)` of `responses[i]` to `prompts[i]`: see [`PalRewardModel.score_texts`]."""
+        model = self.model
+        pairs = self.format_pairs(prompts, responses, allow_empty=allow_empty_responses)
         if isinstance(users, str):
             users = [users] * len(pairs)
+        user_rows = None
         if users is not None:
             users = list(users)
             if len(users) != len(pairs):
                 raise ValueError(f"Got {len(users)} users for {len(pairs)} responses; pass one user per response.")
-            user_rows = self.user_rows(users, unknown_users=unknown_users)
-        else:
-            user_rows = None
-        use_prompts = self.config.variant == "b"
-        unique_texts = list(
-            dict.fromkeys([text for prompt, item in pairs for text in ((prompt, item) if use_prompts else (item,))])
-        )
-        index = {text: i for i, text in enumerate(unique_texts)}
-        features = self.encode_texts(tokenizer, unique_texts, batch_size=batch_size, max_length=max_length)
-        device = self.item_head.layers[-1].weight.device
-        item_features = features[[index[item] for _, item in pairs]].to(device)
-        prompt_features = features[[index[prompt] for prompt, _ in pairs]].to(device) if use_prompts else None
-        output = self(
+            user_rows = model.user_rows(users, unknown_users=unknown_users)
+        item_features, prompt_features = self._features_of_pairs(pairs)
+        output = model(
             item_features=item_features,
             prompt_features=prompt_features,
             user_ids=user_rows,
@@ -2486,7 +2847,7 @@ class PalRewardModel(PalPreTrainedModel):
         extras = [output.prototype_rewards.float().cpu()] if return_prototype_rewards else []
         if return_uncertainty:
             rows = user_rows if user_rows is not None else torch.full((len(pairs),), -1, dtype=torch.long)
-            spread = self.reward_std(item_features, prompt_features, rows.to(device)).cpu()
+            spread = model.reward_std(item_features, prompt_features, rows.to(item_features.device)).cpu()
             without = rows.cpu()[spread.isnan()]
             if (without >= 0).any():
                 logger.warning_once(
@@ -2592,9 +2953,21 @@ def _append_eos(tokenizer, text: str) -> str:
 
 
 __all__ = [
+    "PalCosineSimilarity",
+    "PalDotSimilarity",
+    "PalMLP",
+    "PalNegL2Similarity",
+    "PalNegSquaredL2Similarity",
     "PalPreTrainedModel",
+    "PalPrototypeMaps",
+    "PalPrototypePoints",
     "PalRewardModel",
     "PalRewardModelOutput",
+    "PalSimilarity",
+    "PalTextScorer",
+    "PalUsers",
+    "register_prototypes",
+    "register_similarity",
     "default_max_length",
     "format_preference_texts",
     "frame_token_ids",

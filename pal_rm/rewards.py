@@ -58,9 +58,9 @@ class PalRewardFunction:
         prompt_column: str | None = None,
         name: str = "pal_reward",
     ):
-        if not hasattr(model, "score_texts"):
+        if not hasattr(model, "text_scorer"):
             raise TypeError(f"`model` must be a PalRewardModel, got {type(model).__name__}.")
-        model.register_tokenizer(tokenizer)
+        self.scorer = model.text_scorer(tokenizer, max_length=max_length, batch_size=batch_size)
         if mixture is not None:
             model.resolve_mixture_weights(mixture_weights=mixture)  # raises if not on the simplex
             mixture = [float(value) for value in mixture]
@@ -103,14 +103,11 @@ class PalRewardFunction:
             prompts = list(columns[self.prompt_column])
             completions = [_text_content(completion) for completion in completions]
         with torch.inference_mode():
-            rewards = self.model.score_texts(
-                self.tokenizer,
+            rewards = self.scorer.score(
                 prompts,
                 completions,
                 users=users,
                 mixture_weights=self.mixture,
-                batch_size=self.batch_size,
-                max_length=self.max_length,
                 unknown_users=self.unknown_users,
                 allow_empty_responses=True,  # a policy may stop at once; the prompt alone is then scored
             )

@@ -125,7 +125,7 @@ def run(
 
         with open(os.path.join(saved, "config.json")) as file:
             saved_ids = json.load(file)["user_ids"]
-        saved_table = load_file(os.path.join(saved, "model.safetensors"))["user_weights.weight"]
+        saved_table = load_file(os.path.join(saved, "model.safetensors"))["users.logits.weight"]
         result["saved_user_table_matches"] = saved_ids == result["user_ids"] and torch.equal(
             saved_table, torch.tensor(result["user_table"])
         )

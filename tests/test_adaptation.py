@@ -389,7 +389,7 @@ def test_posteriors_round_trip_and_older_checkpoints_still_load(tmp_path):
     plain.save_pretrained(tmp_path / "old")
     weights = load_file(str(tmp_path / "old" / "model.safetensors"))
     save_file(
-        {k: v for k, v in weights.items() if not k.startswith("user_posterior_")},
+        {k: v for k, v in weights.items() if not k.startswith("users.posterior_")},
         str(tmp_path / "old" / "model.safetensors"),
         metadata={"format": "pt"},
     )

@@ -114,7 +114,7 @@ def test_adapter_goes_on_the_backbone_only(kind, backbones, caplog):
     assert {name for name in trainable if name.startswith("backbone.")} == {
         name for name, _ in model.named_parameters() if ".lora_" in name
     }
-    for part in ("item_head.", "prototype_maps.", "user_weights.", "logit_scale"):  # PAL-B with cosine similarity
+    for part in ("item_head.", "prototype_head.", "users.", "similarity.logit_scale"):  # PAL-B with cosine similarity
         assert any(name.startswith(part) for name in trainable), part
     adapter = model.config.backbone_adapter
     assert adapter["peft_type"] == "LORA" and sorted(adapter["target_modules"]) == sorted(TARGETS[kind])

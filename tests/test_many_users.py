@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 
 from pal_rm import PalConfig, PalRewardModel, modeling_pal
+from pal_rm.modeling_pal import PalUsers
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer, SparseUserTableAdam
 from pal_rm.trainers.pal_reward_trainer import _column_tensor
 
@@ -153,13 +154,13 @@ def test_feature_columns_are_read_in_one_go_in_row_order():
 # ---------------------------------------------------------------------- metrics that scale with users
 def test_mixture_entropy_is_computed_at_logging_steps_only(monkeypatch, tmp_path):
     calls = []
-    original = PalRewardModel.user_mixture_weights
+    original = PalUsers.all_mixture_weights
 
     def counted(self):
         calls.append(self.num_users)
         return original(self)
 
-    monkeypatch.setattr(PalRewardModel, "user_mixture_weights", counted)
+    monkeypatch.setattr(PalUsers, "all_mixture_weights", counted)
     trainer = PalRewardTrainer(
         feature_model(), make_args(tmp_path, max_steps=6, logging_steps=3), train_dataset=feature_dataset(50, 200)
     )
@@ -345,8 +346,8 @@ def test_sparse_update_under_two_process_ddp_matches_one_process(tmp_path):
     two = [torch.load(tmp_path / f"state-{rank}.pt") for rank in (0, 1)]
     one = train_for_ddp_comparison(tmp_path / "one", per_device_batch_size=16)
     assert one["row_steps"].sum() > 0 and torch.equal(two[0]["row_steps"], one["row_steps"])  # sparse updates ran
-    assert torch.equal(two[0]["user_weights.weight"], two[1]["user_weights.weight"])  # the replicas stay in sync
+    assert torch.equal(two[0]["users.logits.weight"], two[1]["users.logits.weight"])  # the replicas stay in sync
     start = feature_model().population_logits()
-    assert not torch.allclose(one["user_weights.weight"], start.expand(40, -1), atol=1e-3)
+    assert not torch.allclose(one["users.logits.weight"], start.expand(40, -1), atol=1e-3)
     for name, value in one.items():
         assert torch.allclose(two[0][name], value, atol=1e-5), name

@@ -83,7 +83,7 @@ def test_training_learns_users_and_updates_every_parameter(kind, tmp_path, demo_
     assert model.config.user_ids == sorted(set(demo_dataset["train"]["user_id"]))
     trainable = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert not any(name.startswith("backbone.") for name in trainable)  # frozen by default
-    assert {"user_weights.weight", "item_head.layers.0.weight"} <= set(trainable)
+    assert {"users.logits.weight", "item_head.layers.0.weight"} <= set(trainable)
     before = trainer.evaluate(demo_dataset["validation"])["eval_accuracy"]
     trainer.train()
     for name, parameter in model.named_parameters():
@@ -210,8 +210,13 @@ def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_pat
     seen_users = test["user_id"]
     before_rewards = model.score_texts(demo_tokenizer, test["prompt"], test["chosen"], users=seen_users)
     before_table = model.user_weights.weight.detach().clone()
-    # Adaptation writes the new users' rows and their posteriors (`user_posterior_*`); nothing else may change.
-    changed = ("user_weights.weight", "user_posterior_rows", "user_posterior_covariance", "user_posterior_comparisons")
+    # Adaptation writes the new users' rows and their posteriors (`users.posterior_*`); nothing else may change.
+    changed = (
+        "users.logits.weight",
+        "users.posterior_rows",
+        "users.posterior_covariance",
+        "users.posterior_comparisons",
+    )
     before_state = {k: v.clone() for k, v in model.state_dict().items() if k not in changed}
     with pytest.raises(ValueError, match="users the model does not know.*adapt_users"):
         trainer.evaluate(demo_dataset["unseen_test"])
@@ -223,7 +228,7 @@ def test_adapt_users_fits_new_users_and_leaves_known_users_bit_identical(tmp_pat
     for key, value in model.state_dict().items():
         if key not in changed:
             assert torch.equal(value, before_state[key]), key
-    assert model.user_posterior_rows.tolist() == result["rows"]
+    assert model.users.posterior_rows.tolist() == result["rows"]
     after_rewards = model.score_texts(demo_tokenizer, test["prompt"], test["chosen"], users=seen_users)
     assert torch.equal(before_rewards, after_rewards)
     unseen = trainer.evaluate(demo_dataset["unseen_test"], metric_key_prefix="unseen")

@@ -184,7 +184,7 @@ def test_adapt_users_after_training_the_backbone(tmp_path):
     assert len(calls) == 1  # the 3 unique texts go through the trained backbone once, in one batch
     after = model.state_dict()
     for key, value in before.items():
-        if key == "user_weights.weight" or key.startswith("user_posterior_"):  # grown by the new users only
+        if key == "users.logits.weight" or key.startswith("users.posterior_"):  # grown by the new users only
             assert torch.equal(after[key][: value.shape[0]], value)
         else:
             assert torch.equal(after[key], value), key

@@ -327,7 +327,9 @@ def test_peft_config_puts_lora_on_the_backbone_only(backbone_path, tokenizer, tm
             plain = name.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(parameter, base[plain]), name  # base weights frozen
     assert all(
-        not torch.equal(p, pal[name]) for name, p in model.named_parameters() if name in pal and name != "logit_scale"
+        not torch.equal(p, pal[name])
+        for name, p in model.named_parameters()
+        if name in pal and name != "similarity.logit_scale"
     )
 
     # New users are fitted on features of the LoRA-trained backbone; the known users' rewards do not move.

@@ -454,7 +454,7 @@ def test_registry_that_disagrees_with_the_user_table_is_an_error(tmp_path, model
     model_a.save_pretrained(tmp_path)
     edit_config(tmp_path, user_ids=["alice", "bob", "carol"])
     with pytest.raises(
-        ValueError, match="config.json registers 3 users but model.safetensors has 2 rows in user_weights.weight"
+        ValueError, match="config.json registers 3 users but model.safetensors has 2 rows in users.logits.weight"
     ):
         PalRewardModel.from_pretrained(tmp_path, ignore_mismatched_sizes=ignore_mismatched_sizes)
     edit_config(tmp_path, user_ids=["alice"])
@@ -473,16 +473,18 @@ def test_registry_passed_as_config_that_disagrees_is_an_error(tmp_path, model_a)
 def test_user_table_with_other_num_prototypes_is_an_error(tmp_path, model_a):
     model_a.save_pretrained(tmp_path)
     edit_config(tmp_path, num_prototypes=4)
-    with pytest.raises(ValueError, match="sets num_prototypes=4 but model.safetensors has 3 columns in user_weights"):
+    with pytest.raises(
+        ValueError, match="sets num_prototypes=4 but model.safetensors has 3 columns in users.logits.weight"
+    ):
         PalRewardModel.from_pretrained(tmp_path)
 
 
 def test_weights_without_a_user_table_are_an_error(tmp_path, model_a):
     model_a.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    del tensors["user_weights.weight"]
+    del tensors["users.logits.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="registers 2 users but the weights of .* have no user_weights.weight"):
+    with pytest.raises(ValueError, match="registers 2 users but the weights of .* have no users.logits.weight"):
         PalRewardModel.from_pretrained(tmp_path)
 
 

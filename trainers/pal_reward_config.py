@@ -62,7 +62,8 @@ class PalRewardConfig(RewardConfig):
             field here (these arguments are uploaded as `training_args.bin`). `False` uploads the raw ids.
 
     > [!NOTE]
-    > Defaults that differ from [`~trl.RewardConfig`]: `gradient_checkpointing=False` and `bf16=False` (the default
+    > Defaults that differ from [`~trl.RewardConfig`]: `activation_checkpointing=False` (the deprecated
+    > `gradient_checkpointing`) and `bf16=False` (the default
     > frozen backbone trains small heads on cached features, where neither helps), `max_length=None` (sequences are
     > truncated from the left to the backbone's limit instead of being dropped), `learning_rate=1e-3`,
     > `num_train_epochs=20`, `per_device_train_batch_size=64`, `report_to="none"`, `save_strategy="no"` and
@@ -139,7 +140,14 @@ class PalRewardConfig(RewardConfig):
     num_train_epochs: float = field(default=20.0, metadata={"help": "Total number of training epochs."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Pairs per device per step."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Pairs per device per eval step."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Gradient checkpointing of the backbone."})
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; `gradient_checkpointing` stays a
+    # deprecated alias (TRL defaults it to True). Both unset: off.
+    activation_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Activation (gradient) checkpointing of the backbone. Default: off."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers 5)."}
+    )
     bf16: bool | None = field(default=False, metadata={"help": "bf16 mixed precision."})
     max_length: int | None = field(
         default=None, metadata={"help": "Truncation length (from the left). None: the backbone's limit, at most 512."}

@@ -416,8 +416,8 @@ class PalRewardTrainer(RewardTrainer):
             rejected = _check_finite(
                 _column_tensor(dataset, "rejected_features", torch.float32), "rejected_features", dataset_name
             )
-            model._check_features(chosen, "chosen_features")
-            model._check_features(rejected, "rejected_features")
+            model.check_features(chosen, "chosen_features")
+            model.check_features(rejected, "rejected_features")
             prompt = (
                 _check_finite(
                     _column_tensor(dataset, "prompt_features", torch.float32), "prompt_features", dataset_name
@@ -557,10 +557,19 @@ class PalRewardTrainer(RewardTrainer):
         if self._signature_columns is None:
             self._signature_columns = list(set(PROCESSED_FEATURE_COLUMNS + PROCESSED_TOKEN_COLUMNS)) + ["margin"]
 
+    @property
+    def pal_model(self) -> PalRewardModel:
+        """The PAL model being trained, unwrapped (`self.model` may be wrapped by DDP, FSDP or DeepSpeed)."""
+        return self._pal_model
+
     # ------------------------------------------------------------------ optimisation
     def parameter_groups(self, model: torch.nn.Module | None = None) -> list[dict]:
-        """Parameter groups with their own learning rates: backbone (or its adapter), heads, prototypes, user weights,
-        logit scale."""
+        """
+        Parameter groups with their own learning rates: the backbone (or its adapter), and each of PAL's parts in the
+        group it declares (its `parameter_group`: `"heads"` for the item map and PAL-B's prototype maps,
+        `"prototypes"` for PAL-A's points, `"user_weights"` for the user table, `"logit_scale"` for the similarity's
+        parameters). A parameter belongs to the outermost part that holds it; one outside every part is a head.
+        """
         model = model if model is not None else self.model
         args = self.args
         decay_names = set(self.get_decay_parameter_names(model))
@@ -572,6 +581,17 @@ class PalRewardTrainer(RewardTrainer):
             "user_weights": args.user_learning_rate,
             "logit_scale": args.logit_scale_learning_rate,
         }
+        parts = []  # (prefix, group) of PAL's parts, outermost first
+        for prefix, module in model.named_modules():
+            group = getattr(module, "parameter_group", None)
+            if group is None or any(prefix.startswith(outer) for outer, _ in parts):
+                continue
+            if group not in rates or group in ("backbone", "adapter"):
+                raise ValueError(
+                    f"The part {prefix!r} ({type(module).__name__}) declares `parameter_group={group!r}`, which has no "
+                    f"learning rate: use one of 'heads', 'prototypes', 'user_weights', 'logit_scale'."
+                )
+            parts.append((f"{prefix}.", group))
         grouped: dict[tuple[str, bool], list] = defaultdict(list)
         sparse_table = getattr(self, "_sparse_user_table", None)
         for name, parameter in model.named_parameters():
@@ -579,14 +599,8 @@ class PalRewardTrainer(RewardTrainer):
                 continue
             if name.startswith("backbone."):
                 group = "adapter" if self._pal_model.has_backbone_adapter else "backbone"
-            elif name.startswith("user_weights."):
-                group = "user_weights"
-            elif name == "prototypes":
-                group = "prototypes"
-            elif name == "logit_scale":
-                group = "logit_scale"
             else:
-                group = "heads"
+                group = next((group for prefix, group in parts if name.startswith(prefix)), "heads")
             decay = name in decay_names and group in ("backbone", "adapter", "heads")
             grouped[(group, decay)].append(parameter)
         return [
@@ -764,7 +778,7 @@ class PalRewardTrainer(RewardTrainer):
         self._replicate_user_table()
         model = self._pal_model
         trained_rows = model.user_rows(self.train_users).tolist()
-        if model.config.num_user_posteriors and set(trained_rows) & set(model.user_posterior_rows.tolist()):
+        if model.config.num_user_posteriors and set(trained_rows) & set(model.users.posterior_rows.tolist()):
             logger.info("Training users that `adapt_users` fitted: their few-shot posteriors are dropped.")
             model.drop_user_posteriors(trained_rows)
         self._sparse_user_table = self._sparse_user_table_update()

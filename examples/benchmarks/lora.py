@@ -122,7 +122,7 @@ def common_arguments(args, output_dir, epochs):
         "per_device_eval_batch_size": 32,
         "seed": args.seed,
         "bf16": False,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "eval_strategy": "no",
         "save_strategy": "no",
         "logging_steps": 10,
