@@ -36,7 +36,7 @@ from transformers.utils import logging
 
 from .losses import map_adaptation_objective, pair_losses
 from .metrics import personalized_preference_metrics
-from .modeling_pal import PalAdaptationPrior, PalRewardModel, format_preference_texts, full_tensor
+from .modeling_pal import PalAdaptationPrior, PalRewardModel, full_tensor
 
 logger = logging.get_logger(__name__)
 
@@ -695,26 +695,23 @@ def _candidate_features(model: PalRewardModel, candidate_pairs, tokenizer, batch
         raise ValueError("`candidate_pairs` is empty: there is nothing to choose from.")
     if tokenizer is None:
         raise ValueError("`candidate_pairs` given as texts needs the model's `tokenizer`.")
+    scorer = model.text_scorer(tokenizer, batch_size=batch_size)
     texts_a, texts_b, prompts = [], [], []
     for row, pair in enumerate(candidate_pairs):
         if not isinstance(pair, dict) or not {"prompt", "response_a", "response_b"} <= set(pair):
             raise ValueError(
                 f"Candidate {row} must be a dict with `prompt`, `response_a` and `response_b`, got {pair!r}."
             )
-        prompt, text_a = format_preference_texts(tokenizer, pair["prompt"], pair["response_a"], row=row)
-        _, text_b = format_preference_texts(tokenizer, pair["prompt"], pair["response_b"], row=row)
+        prompt, text_a = scorer.format_pair(pair["prompt"], pair["response_a"], row=row)
+        _, text_b = scorer.format_pair(pair["prompt"], pair["response_b"], row=row)
         texts_a.append(text_a)
         texts_b.append(text_b)
         prompts.append(prompt)
-    unique = list(dict.fromkeys(texts_a + texts_b + (prompts if needs_prompt else [])))
-    index = {text: i for i, text in enumerate(unique)}
-    table = model.encode_texts(tokenizer, unique, batch_size=batch_size)
-    features = {
-        "features_a": table[[index[t] for t in texts_a]],
-        "features_b": table[[index[t] for t in texts_b]],
-    }
+    n = len(candidate_pairs)
+    table = scorer.encode(texts_a + texts_b + (prompts if needs_prompt else []))
+    features = {"features_a": table[:n], "features_b": table[n : 2 * n]}
     if needs_prompt:
-        features["prompt_features"] = table[[index[t] for t in prompts]]
+        features["prompt_features"] = table[2 * n :]
     return features
 
 

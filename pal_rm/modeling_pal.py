@@ -2760,9 +2760,16 @@ class PalTextScorer:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
-        """Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU, batched by length."""
+        """
+        Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU: each distinct text is
+        encoded once, in batches of texts of similar length.
+        """
         model, tokenizer = self.model, self.tokenizer
         texts = list(texts)
+        distinct = list(dict.fromkeys(texts))
+        if len(distinct) < len(texts):
+            position = {text: i for i, text in enumerate(distinct)}
+            return self.encode(distinct, show_progress=show_progress)[[position[text] for text in texts]]
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         features = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
@@ -2803,15 +2810,9 @@ class PalTextScorer:
 
     def _features_of_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         use_prompts = self.model.needs_prompt
-        unique = list(
-            dict.fromkeys(text for prompt, item in pairs for text in ((prompt, item) if use_prompts else (item,)))
-        )
-        index = {text: i for i, text in enumerate(unique)}
-        features = self.encode(unique)
-        device = self.model.item_head.layers[-1].weight.device
-        item_features = features[[index[item] for _, item in pairs]].to(device)
-        prompt_features = features[[index[prompt] for prompt, _ in pairs]].to(device) if use_prompts else None
-        return item_features, prompt_features
+        texts = [item for _, item in pairs] + ([prompt for prompt, _ in pairs] if use_prompts else [])
+        features = self.encode(texts).to(self.model.item_head.layers[-1].weight.device)
+        return features[: len(pairs)], features[len(pairs) :] if use_prompts else None
 
     @torch.no_grad()
     def score(
