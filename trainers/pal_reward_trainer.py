@@ -527,7 +527,7 @@ class PalRewardTrainer(RewardTrainer):
                     "preference data: `prompt` (optional), `chosen`, `rejected` and a user column."
                 )
         keep = [column for column in ("prompt", "chosen", "rejected") if column in columns]
-        kwargs = {"processing_class": processing_class, "variant": self._pal_model.config.variant}
+        kwargs = {"processing_class": processing_class, "needs_prompt": self._pal_model.needs_prompt}
         kwargs["dataset_name"] = dataset_name
         if num_proc is not None and num_proc > 1 and len(dataset) > 1:
             formatted = dataset.select_columns(keep).map(
@@ -1340,14 +1340,14 @@ def _is_fsdp2_module(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def _format_row(example: dict, row: int, processing_class, variant: str, dataset_name: str) -> dict[str, str]:
+def _format_row(example: dict, row: int, processing_class, needs_prompt: bool, dataset_name: str) -> dict[str, str]:
     """One preference row as the backbone reads it: `{"pal_prompt", "pal_chosen", "pal_rejected"}` texts."""
-    if "prompt" not in example and variant == "b":
+    if "prompt" not in example and needs_prompt:
         if not isinstance(example["chosen"], (str, list)) or not isinstance(example["rejected"], (str, list)):
             raise ValueError(f"Row {row} of the {dataset_name} dataset: `chosen`/`rejected` must be texts.")
         example = {**example, **extract_prompt(example)}
     prompt = example.get("prompt") or ""
-    if variant == "b" and not prompt:
+    if needs_prompt and not prompt:
         raise ValueError(
             f"Row {row} of the {dataset_name} dataset has no prompt; PAL-B's ideal points depend on the prompt. Add a "
             "`prompt` column (or use PAL-A)."
