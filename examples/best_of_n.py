@@ -19,9 +19,10 @@ import json
 import os
 from collections import defaultdict
 
-from _shared import add_reward_model_argument, demo_user, load_demo_reward_model, load_smollm2
+from _shared import add_reward_model_argument, demo_user, load_demo_reward_model
 
 from pal_rm.best_of_n import best_of_n, sample_and_rerank
+from pal_rm.utils import load_smollm2
 
 
 def candidate_pool(split, n: int, num_prompts: int):

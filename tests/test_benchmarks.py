@@ -11,6 +11,13 @@ BENCHMARKS = os.path.join(REPO, "examples", "benchmarks")
 PERSONA_FIXTURE = os.path.join(REPO, "tests", "fixtures", "persona")
 
 
+@pytest.fixture(autouse=True)
+def benchmarks_on_sys_path(monkeypatch):
+    """The scripts import their helpers (`from _common import ...`, also inside functions) as
+    `python examples/benchmarks/<name>.py` finds them: with the script's folder first on sys.path."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+
+
 def load_script(name):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)

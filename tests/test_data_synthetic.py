@@ -34,6 +34,14 @@ def test_splits_columns_and_default_sizes(synthetic):
     assert len(set(synthetic["unseen_train"]["user_id"]) & set(synthetic["train"]["user_id"])) == 0
 
 
+def test_user_ids_have_the_loaders_shared_format(synthetic):
+    """Simulated users are `user_000`, ... and `unseen_user_000`, ..., as in the demo and persona loaders."""
+    assert list(dict.fromkeys(synthetic["train"]["user_id"])) == [f"user_{index:03d}" for index in range(150)]
+    assert list(dict.fromkeys(synthetic["unseen_test"]["user_id"])) == [
+        f"unseen_user_{index:03d}" for index in range(30)
+    ]
+
+
 def test_deterministic_given_seed(synthetic):
     again = load_synthetic_preferences(seed=0)
     for split in SPLIT_NAMES:

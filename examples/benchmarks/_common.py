@@ -15,6 +15,7 @@ from pal_rm import PalConfig, PalRewardModel
 from pal_rm.baselines import IndependentRewardHeads, fix_user_mixtures, one_reward_model
 from pal_rm.metrics import per_user_accuracy
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+from pal_rm.utils import atomic_write
 
 logger = logging.get_logger("pal_rm.benchmarks")
 
@@ -43,12 +44,9 @@ def machine() -> dict:
 
 
 def write_json(name: str, payload: dict, output_dir: str = OUTPUT_DIR) -> str:
-    os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as file:
+    with atomic_write(path) as file:  # creates `output_dir` if needed
         json.dump(payload, file, indent=2)
-    os.replace(tmp, path)
     return path
 
 

@@ -22,28 +22,25 @@ Writes `outputs/benchmarks/active.json`.
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, training_args, write_json
+from transformers import AutoTokenizer, PrinterCallback
 
-import torch  # noqa: E402
-from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, training_args, write_json  # noqa: E402
-from transformers import AutoTokenizer, PrinterCallback  # noqa: E402
-
-from pal_rm import PalConfig, PalRewardModel  # noqa: E402
-from pal_rm.adaptation import (  # noqa: E402
+from pal_rm import PalConfig, PalRewardModel
+from pal_rm.adaptation import (
     embed_pairs,
     fit_users,
     particle_log_likelihoods,
     prior_particles,
     select_by_mutual_information,
 )
-from pal_rm.cache import EmbeddingCache, featurize_preferences  # noqa: E402
-from pal_rm.data import available_personas, load_persona_preferences, load_synthetic_preferences  # noqa: E402
-from pal_rm.metrics import per_user_accuracy  # noqa: E402
-from pal_rm.trainers import choose_num_prototypes  # noqa: E402
-from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
+from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.data import available_personas, load_persona_preferences, load_synthetic_preferences
+from pal_rm.metrics import per_user_accuracy
+from pal_rm.trainers import choose_num_prototypes
+from pal_rm.utils import MINILM, resolve_model_path
 
 
 def pair_embeddings(model, split):

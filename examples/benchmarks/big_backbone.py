@@ -24,9 +24,7 @@ import resource
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import OUTPUT_DIR, machine, markdown_table, write_json  # noqa: E402
+from _common import OUTPUT_DIR, machine, markdown_table, write_json
 
 SIZES = {
     "default": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16, "vocab_size": 32000},

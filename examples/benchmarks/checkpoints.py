@@ -23,14 +23,11 @@ import argparse
 import copy
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import OUTPUT_DIR, machine, markdown_table, write_json  # noqa: E402
-from big_backbone import SIZES, make_backbone  # noqa: E402
+from _common import OUTPUT_DIR, machine, markdown_table, write_json
+from big_backbone import SIZES, make_backbone
 
 # `big_backbone.py`'s smoke Llama only loads; this one also runs (one attention head per key/value head).
 SMOKE_SIZE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "vocab_size": 1000}

@@ -28,10 +28,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, write_json  # noqa: E402
+from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, write_json
 
 SYSTEMS = ("PAL-B frozen", "PAL-B + LoRA", "TRL RewardTrainer + LoRA")
 BACKBONE_DIR = os.path.join("outputs", "cache", "smollm2-135m")
@@ -71,7 +68,7 @@ def backbone_folder(args=None) -> str:
         return args.backbone
     if os.path.exists(os.path.join(BACKBONE_DIR, "config.json")):
         return BACKBONE_DIR
-    from _shared import load_smollm2
+    from pal_rm.utils import load_smollm2
 
     policy, tokenizer = load_smollm2()
     staging = BACKBONE_DIR + ".tmp"

@@ -31,8 +31,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 OUTPUT_DIR = "outputs/benchmarks"
 
 

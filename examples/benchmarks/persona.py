@@ -19,12 +19,9 @@ Writes `outputs/benchmarks/persona.json` and `outputs/benchmarks/persona.png`.
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import (  # noqa: E402
+from _common import (
     OUTPUT_DIR,
     PERSONA_DATA_DIR,
     SHOTS,
@@ -40,12 +37,12 @@ from _common import (  # noqa: E402
     training_args,
     write_json,
 )
-from transformers import AutoTokenizer, set_seed  # noqa: E402
+from transformers import AutoTokenizer, set_seed
 
-from pal_rm import PalRewardModel  # noqa: E402
-from pal_rm.cache import EmbeddingCache, featurize_preferences  # noqa: E402
-from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
-from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
+from pal_rm import PalRewardModel
+from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.data import available_personas, load_persona_preferences
+from pal_rm.utils import MINILM, resolve_model_path
 
 
 def run_setting(dataset, num_groups, ks, args, shots):

@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 
+from pal_rm.utils import atomic_write
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 RESULTS_DIR = os.path.join(HERE, "results")
@@ -475,7 +477,7 @@ def main(argv=None):
                 source = os.path.join(folder, f"{name}.{extension}")
                 if os.path.exists(source):
                     shutil.copyfile(source, os.path.join(args.results_dir, f"{name}.{extension}"))
-    with open(args.readme) as file:
+    with open(args.readme, encoding="utf-8") as file:
         readme = file.read()
     updated = update_readme(readme, render(args.results_dir))
     if args.check:
@@ -483,10 +485,8 @@ def main(argv=None):
             print("The README's Results section is not what the JSON files give; run render_results.py.")
             return 1
         return 0
-    tmp = args.readme + ".tmp"
-    with open(tmp, "w") as file:
+    with atomic_write(args.readme) as file:
         file.write(updated)
-    os.replace(tmp, args.readme)
     print(f"Rendered the Results section of {args.readme}.")
     return 0
 

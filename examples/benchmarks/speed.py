@@ -35,12 +35,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, write_json  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import (  # noqa: E402
+import torch
+from _common import OUTPUT_DIR, PERSONA_DATA_DIR, machine, markdown_table, write_json
+from tqdm.auto import tqdm
+from transformers import (
     AutoModel,
     AutoTokenizer,
     TrainerCallback,
@@ -48,12 +46,12 @@ from transformers import (  # noqa: E402
     set_seed,
 )
 
-from pal_rm import PalConfig, PalRewardModel  # noqa: E402
-from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
-from pal_rm.metrics import personalized_preference_metrics  # noqa: E402
-from pal_rm.modeling_pal import format_preference_texts  # noqa: E402
-from pal_rm.trainers import PalRewardConfig, PalRewardTrainer  # noqa: E402
-from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
+from pal_rm import PalConfig, PalRewardModel
+from pal_rm.data import available_personas, load_persona_preferences
+from pal_rm.metrics import personalized_preference_metrics
+from pal_rm.modeling_pal import format_preference_texts
+from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+from pal_rm.utils import MINILM, resolve_model_path
 
 PARTS = ("cached", "naive", "adapt", "scoring", "users", "many_users")
 

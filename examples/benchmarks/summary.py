@@ -22,12 +22,9 @@ GPU; the features are cached in `--cache_dir`). Writes `outputs/benchmarks/summa
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import (  # noqa: E402
+from _common import (
     OUTPUT_DIR,
     independent_results,
     machine,
@@ -40,12 +37,12 @@ from _common import (  # noqa: E402
     training_args,
     write_json,
 )
-from transformers import AutoTokenizer, set_seed  # noqa: E402
+from transformers import AutoTokenizer, set_seed
 
-from pal_rm import PalRewardModel  # noqa: E402
-from pal_rm.cache import EmbeddingCache, featurize_preferences  # noqa: E402
-from pal_rm.data import load_summary_preferences  # noqa: E402
-from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
+from pal_rm import PalRewardModel
+from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.data import load_summary_preferences
+from pal_rm.utils import MINILM, resolve_model_path
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "summarize_from_feedback")
 EXPECTED_SIZES = {"train": 20969, "validation": 2330, "test": 4921}

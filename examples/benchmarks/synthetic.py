@@ -16,12 +16,9 @@ Writes `outputs/benchmarks/synthetic.json` and `outputs/benchmarks/synthetic.png
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from _common import (  # noqa: E402
+from _common import (
     OUTPUT_DIR,
     accuracy,
     machine,
@@ -33,9 +30,9 @@ from _common import (  # noqa: E402
     training_args,
     write_json,
 )
-from transformers import set_seed  # noqa: E402
+from transformers import set_seed
 
-from pal_rm.data import bayes_optimal_accuracy, load_synthetic_preferences  # noqa: E402
+from pal_rm.data import bayes_optimal_accuracy, load_synthetic_preferences
 
 
 def run(true_k: int, pairs_per_user: int, ks, args) -> dict:

@@ -1,11 +1,13 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
-"""Helpers shared by the preference loaders: split names, argument checks, seeded generators and the assembly of
-the returned `datasets.DatasetDict`. Private: the public surface is in `pal_rm.data`."""
+"""Helpers shared by the preference loaders: split names, argument checks, seeded generators, the simulation of seen
+and unseen users, and the assembly of the returned `datasets.DatasetDict`. Private: the public surface is in
+`pal_rm.data`."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,13 @@ from datasets import Sequence as SequenceFeature
 SPLIT_NAMES = ("train", "validation", "test", "unseen_train", "unseen_test")
 """Splits of every loader: seen users (`train`, `validation`, `test`) and unseen users (`unseen_train`: the
 few-shot comparisons used to fit a new user, `unseen_test`: held-out comparisons of the same new users)."""
+SEEN_SPLIT_NAMES = SPLIT_NAMES[:3]
+"""The seen users' splits: `train`, `validation`, `test`."""
+
+SEEN_USER_ID_FORMAT = "user_{:03d}"
+UNSEEN_USER_ID_FORMAT = "unseen_user_{:03d}"
+"""Ids of simulated users, from their 0-based index: `user_000`, `user_001`, ... and `unseen_user_000`, ... (an index
+of 1,000 or more gets more digits)."""
 
 TEXT_FEATURES = {
     "user_id": Value("string"),
@@ -110,8 +119,76 @@ def unseen_mixture_count(num_unseen_users: int, num_seen_mixture_users: int, num
     return round_half_up(num_unseen_users * num_seen_mixture_users / num_seen_users)
 
 
+@dataclass(frozen=True)
+class SimulatedUser:
+    """One simulated user of a loader.
+
+    Attributes:
+        user_id (`str`): `user_000`, ... for seen users, `unseen_user_000`, ... for unseen users.
+        group (`int`): the user's group, or -1 for a mixture user.
+        weights (`np.ndarray`): the user's true weights over the groups, shape `(num_groups,)`: one-hot for a group
+            member, a Dirichlet draw for a mixture user.
+        rng (`np.random.Generator`): the user's own stream of randomness, already past the draw of `weights`; the
+            loader draws the user's comparisons from it.
+    """
+
+    user_id: str
+    group: int
+    weights: np.ndarray
+    rng: np.random.Generator
+
+
+def simulate_users(
+    num_groups: int,
+    users_per_group: int,
+    num_mixture_users: int,
+    num_unseen_users: int,
+    dirichlet_alpha: float,
+    seed: int,
+    seen_stream: int,
+    unseen_stream: int,
+) -> tuple[list[SimulatedUser], list[SimulatedUser]]:
+    """The seen and unseen users of a simulated dataset.
+
+    Seen users: `users_per_group` members of each group in turn (group 0 first), then `num_mixture_users` mixture
+    users. Unseen users keep the seen users' share of mixture users (`unseen_mixture_count`): the group members first,
+    assigned to groups in turn (0, 1, 2, ...), then the mixture users. A mixture user's weights are drawn from
+    `Dirichlet(dirichlet_alpha)` over the `num_groups` groups.
+
+    Every user has its own generator, `rng_for(seed, seen_stream, index)` or `rng_for(seed, unseen_stream, index)`
+    (index: the user's position among the seen, or unseen, users), which draws the mixture weights first and is then
+    handed to the loader for the user's comparisons; so the number of users of one kind never reshuffles another
+    user's data.
+
+    Returns:
+        `(seen_users, unseen_users)`: two lists of `SimulatedUser`, in index order.
+    """
+    num_seen_users = num_groups * users_per_group + num_mixture_users
+    num_unseen_mixture = unseen_mixture_count(num_unseen_users, num_mixture_users, num_seen_users)
+    seen_groups = [group for group in range(num_groups) for _ in range(users_per_group)] + [-1] * num_mixture_users
+    unseen_groups = [index % num_groups for index in range(num_unseen_users - num_unseen_mixture)]
+    unseen_groups += [-1] * num_unseen_mixture
+
+    def user(id_format: str, stream: int, index: int, group: int) -> SimulatedUser:
+        rng = rng_for(seed, stream, index)
+        weights = one_hot(group, num_groups) if group >= 0 else mixture_weights(rng, num_groups, dirichlet_alpha)
+        return SimulatedUser(id_format.format(index), group, weights, rng)
+
+    seen = [user(SEEN_USER_ID_FORMAT, seen_stream, index, group) for index, group in enumerate(seen_groups)]
+    unseen = [user(UNSEEN_USER_ID_FORMAT, unseen_stream, index, group) for index, group in enumerate(unseen_groups)]
+    return seen, unseen
+
+
+def empty_rows() -> dict[str, list[dict]]:
+    """`{split: []}` for every split of `SPLIT_NAMES`: the lists a loader fills before `build_dataset_dict`."""
+    return {split: [] for split in SPLIT_NAMES}
+
+
 def build_dataset_dict(rows: Mapping[str, Sequence[Mapping[str, Any]]], features: Features) -> DatasetDict:
     """Assemble the five splits from lists of row dicts; empty splits keep the full schema."""
+    unknown = sorted(set(rows) - set(SPLIT_NAMES))
+    if unknown:  # a misspelt split would otherwise drop its rows silently
+        raise ValueError(f"Unknown split(s) {unknown}: the splits are {SPLIT_NAMES}.")
     splits = {}
     for split in SPLIT_NAMES:
         split_rows = rows.get(split, [])

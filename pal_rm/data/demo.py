@@ -40,17 +40,18 @@ from transformers.utils import logging
 
 from ._common import (
     MIXTURE_WEIGHTS_FEATURE,
+    SEEN_SPLIT_NAMES,
     TEXT_FEATURES,
+    SimulatedUser,
     build_dataset_dict,
     check_fractions,
     check_int,
     check_positive_float,
     check_seed,
-    mixture_weights,
-    one_hot,
+    empty_rows,
     rng_for,
+    simulate_users,
     split_sizes,
-    unseen_mixture_count,
 )
 
 logger = logging.get_logger(__name__)
@@ -248,16 +249,16 @@ def _eligible_pairs(weights: np.ndarray, key_property: int | None) -> tuple[np.n
 
 
 def _user_rows(
-    rng: np.random.Generator,
-    user_id: str,
-    group: int,
-    weights: np.ndarray,
+    user: SimulatedUser,
     weight_matrix: np.ndarray,
     topics: tuple[str, ...],
     num_pairs: int,
     pool: dict[str, list[list[str]]],
 ) -> list[dict]:
-    utility_weights = weights @ weight_matrix
+    """`num_pairs` comparisons of `user` on `topics`, drawn from the user's generator."""
+    rng = user.rng
+    utility_weights = user.weights @ weight_matrix
+    group = user.group
     key_property = DEMO_PROPERTIES.index(DEMO_GROUP_PREFERENCES[group]["key_property"]) if group >= 0 else None
     first, second = _eligible_pairs(utility_weights, key_property)
     rows = []
@@ -272,12 +273,12 @@ def _user_rows(
             variants = pool[topic][style]
             texts.append(variants[rng.integers(len(variants))])
         row = {
-            "user_id": user_id,
+            "user_id": user.user_id,
             "prompt": prompt,
             "chosen": texts[winner],
             "rejected": texts[1 - winner],
             "group": group,
-            "mixture_weights": weights.tolist(),
+            "mixture_weights": user.weights.tolist(),
             "topic": topic,
             "utility_margin": utilities[winner] - utilities[1 - winner],
         }
@@ -334,9 +335,10 @@ def load_demo_preferences(
 
     Returns:
         `datasets.DatasetDict` with splits `train`, `validation`, `test`, `unseen_train`, `unseen_test` and columns
-        `user_id`, `prompt`, `chosen`, `rejected`, `group` (-1 for mixture users), `mixture_weights` (the true
-        weights over the groups), `topic`, `utility_margin` (the user's utility gap, > 0) and the property flags
-        `chosen_formal`, `chosen_bulleted`, `chosen_long`, `chosen_enthusiastic`, `rejected_formal`, ... .
+        `user_id` (`user_000`, `user_001`, ... for seen users, `unseen_user_000`, ... for unseen users), `prompt`,
+        `chosen`, `rejected`, `group` (-1 for mixture users), `mixture_weights` (the true weights over the groups),
+        `topic`, `utility_margin` (the user's utility gap, > 0) and the property flags `chosen_formal`,
+        `chosen_bulleted`, `chosen_long`, `chosen_enthusiastic`, `rejected_formal`, ... .
         The defaults give 28 seen users (1,176 / 168 / 336 comparisons) and 8 unseen users (160 / 320).
 
     Example:
@@ -384,24 +386,23 @@ def load_demo_preferences(
     weight_matrix = _weight_matrix(num_groups)
     pool = _response_pool(seed, variants_per_style)
 
-    rows = {split: [] for split in ("train", "validation", "test", "unseen_train", "unseen_test")}
-    seen_groups = [g for g in range(num_groups) for _ in range(users_per_group)] + [-1] * num_mixture_users
-    for index, group in enumerate(seen_groups):
-        rng = rng_for(seed, _USER_STREAM, index)
-        weights = one_hot(group, num_groups) if group >= 0 else mixture_weights(rng, num_groups, dirichlet_alpha)
-        for split, topics, count in zip(("train", "validation", "test"), pools, sizes):
-            rows[split] += _user_rows(rng, f"user_{index:03d}", group, weights, weight_matrix, topics, count, pool)
-
-    num_unseen_mixture = unseen_mixture_count(num_unseen_users, num_mixture_users, num_seen_users)
-    unseen_groups = [i % num_groups for i in range(num_unseen_users - num_unseen_mixture)] + [-1] * num_unseen_mixture
-    for index, group in enumerate(unseen_groups):
-        rng = rng_for(seed, _UNSEEN_STREAM, index)
-        weights = one_hot(group, num_groups) if group >= 0 else mixture_weights(rng, num_groups, dirichlet_alpha)
-        user_id = f"unseen_user_{index:03d}"
-        rows["unseen_train"] += _user_rows(rng, user_id, group, weights, weight_matrix, pools[0], unseen_shots, pool)
-        rows["unseen_test"] += _user_rows(
-            rng, user_id, group, weights, weight_matrix, pools[2], unseen_test_pairs, pool
-        )
+    seen_users, unseen_users = simulate_users(
+        num_groups=num_groups,
+        users_per_group=users_per_group,
+        num_mixture_users=num_mixture_users,
+        num_unseen_users=num_unseen_users,
+        dirichlet_alpha=dirichlet_alpha,
+        seed=seed,
+        seen_stream=_USER_STREAM,
+        unseen_stream=_UNSEEN_STREAM,
+    )
+    rows = empty_rows()
+    for user in seen_users:
+        for split, topics, count in zip(SEEN_SPLIT_NAMES, pools, sizes):
+            rows[split] += _user_rows(user, weight_matrix, topics, count, pool)
+    for user in unseen_users:
+        rows["unseen_train"] += _user_rows(user, weight_matrix, pools[0], unseen_shots, pool)
+        rows["unseen_test"] += _user_rows(user, weight_matrix, pools[2], unseen_test_pairs, pool)
 
     logger.info(
         f"Demo preferences: {num_seen_users} seen users, {num_unseen_users} unseen users, topics split "

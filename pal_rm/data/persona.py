@@ -44,15 +44,17 @@ from transformers.utils import logging
 
 from ._common import (
     MIXTURE_WEIGHTS_FEATURE,
+    SEEN_SPLIT_NAMES,
     TEXT_FEATURES,
+    SimulatedUser,
     build_dataset_dict,
     check_fractions,
     check_int,
     check_positive_float,
     check_seed,
-    mixture_weights,
-    one_hot,
+    empty_rows,
     rng_for,
+    simulate_users,
     split_sizes,
 )
 
@@ -72,7 +74,7 @@ DEFAULT_PERSONAS = (
 
 MIXTURE_RULES = ("weighted", "sampled")
 _REQUIRED_KEYS = ("question", "statement", "answer_matching_behavior", "answer_not_matching_behavior")
-_POOLS = ("train", "validation", "test")
+_POOLS = SEEN_SPLIT_NAMES  # one statement pool per seen split, named after it
 
 # randomness streams
 _POOL_STREAM, _GROUP_STREAM, _USER_STREAM, _UNSEEN_STREAM = 0, 1, 2, 3
@@ -196,10 +198,7 @@ def _group_holdings(
 
 
 def _user_rows(
-    rng: np.random.Generator,
-    user_id: str,
-    group: int,
-    weights: np.ndarray,
+    user: SimulatedUser,
     holdings: np.ndarray,
     persona_index: dict[str, int],
     pool: list[dict],
@@ -212,6 +211,7 @@ def _user_rows(
             f"The {pool_name} statement pool holds {len(pool)} statements, fewer than the {count} distinct comparisons "
             f"asked per user: lower the per-user counts, or select more personas."
         )
+    rng, group, weights = user.rng, user.group, user.weights
     rows = []
     for entry_id in rng.choice(len(pool), size=count, replace=False):
         entry = pool[entry_id]
@@ -227,7 +227,7 @@ def _user_rows(
             chosen, rejected = rejected, chosen
         rows.append(
             {
-                "user_id": user_id,
+                "user_id": user.user_id,
                 "prompt": entry["question"],
                 "chosen": chosen,
                 "rejected": rejected,
@@ -293,9 +293,10 @@ def load_persona_preferences(
 
     Returns:
         `datasets.DatasetDict` with splits `train`, `validation`, `test`, `unseen_train`, `unseen_test` and columns
-        `user_id`, `prompt` (the question), `chosen` and `rejected` (`" Yes"` / `" No"`), `group` (-1 for mixture
-        users), `mixture_weights`, `persona`, `statement` and `chosen_matches_behavior`. The defaults give 40 seen
-        users (1,400 / 200 / 400 comparisons) and 20 unseen users (1,000 / 1,000).
+        `user_id` (`user_000`, `user_001`, ... for seen users, `unseen_user_000`, ... for unseen users), `prompt`
+        (the question), `chosen` and `rejected` (`" Yes"` / `" No"`), `group` (-1 for mixture users),
+        `mixture_weights`, `persona`, `statement` and `chosen_matches_behavior`. The defaults give 40 seen users
+        (1,400 / 200 / 400 comparisons) and 20 unseen users (1,000 / 1,000).
 
     Example:
 
@@ -345,42 +346,27 @@ def load_persona_preferences(
     for group in range(num_groups):
         logger.info(f"Persona group {group} holds {[p for p, held in zip(personas, holdings[group]) if held]}.")
 
-    rows = {split: [] for split in ("train", "validation", "test", "unseen_train", "unseen_test")}
-    for index in range(num_groups * users_per_group):
-        rng = rng_for(seed, _USER_STREAM, index)
-        if mixture_users:
-            group, weights = -1, mixture_weights(rng, num_groups, dirichlet_alpha)
-        else:
-            group = index // users_per_group
-            weights = one_hot(group, num_groups)
-        for split, count in zip(_POOLS, sizes):
-            rows[split] += _user_rows(
-                rng,
-                f"user_{index:03d}",
-                group,
-                weights,
-                holdings,
-                persona_index,
-                pools[split],
-                split,
-                count,
-                mixture_rule,
-            )
-    for index in range(num_unseen_users):
-        rng = rng_for(seed, _UNSEEN_STREAM, index)
-        if mixture_users:
-            group, weights = -1, mixture_weights(rng, num_groups, dirichlet_alpha)
-        else:
-            group = index % num_groups
-            weights = one_hot(group, num_groups)
-        user_id = f"unseen_user_{index:03d}"
+    seen_users, unseen_users = simulate_users(
+        num_groups=num_groups,
+        users_per_group=0 if mixture_users else users_per_group,  # all seen users are members, or all are mixtures
+        num_mixture_users=num_groups * users_per_group if mixture_users else 0,
+        num_unseen_users=num_unseen_users,
+        dirichlet_alpha=dirichlet_alpha,
+        seed=seed,
+        seen_stream=_USER_STREAM,
+        unseen_stream=_UNSEEN_STREAM,
+    )
+    arguments = (holdings, persona_index)
+    rows = empty_rows()
+    for user in seen_users:
+        for split, pool, count in zip(SEEN_SPLIT_NAMES, _POOLS, sizes):
+            rows[split] += _user_rows(user, *arguments, pools[pool], pool, count, mixture_rule)
+    for user in unseen_users:
         for split, pool, count in (
             ("unseen_train", "train", unseen_shots),
             ("unseen_test", "test", unseen_test_pairs),
         ):
-            rows[split] += _user_rows(
-                rng, user_id, group, weights, holdings, persona_index, pools[pool], pool, count, mixture_rule
-            )
+            rows[split] += _user_rows(user, *arguments, pools[pool], pool, count, mixture_rule)
     logger.info(
         f"Persona preferences: {len(personas)} personas, statement pools "
         f"{len(pools['train'])} / {len(pools['validation'])} / {len(pools['test'])}."

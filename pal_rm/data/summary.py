@@ -61,6 +61,7 @@ from ._common import (
     check_fractions,
     check_int,
     check_seed,
+    empty_rows,
     rng_for,
     round_half_up,
 )
@@ -370,9 +371,7 @@ def load_summary_preferences(
 
     ties = Counter()
     train_by_worker, validation_by_worker = _by_worker(usable["train"]), _by_worker(usable["validation"])
-    rows: dict[str, list[dict]] = {
-        split: [] for split in ("train", "validation", "test", "unseen_train", "unseen_test")
-    }
+    rows = empty_rows()
     for rank, worker in enumerate(ranked):
         labelled = _labelled(train_by_worker[worker], seen_group[worker], length_unit, drop_ties, ties, "train")
         num_validation = round_half_up(len(labelled) * validation_fraction)

@@ -34,16 +34,17 @@ from transformers.utils import logging
 
 from ._common import (
     MIXTURE_WEIGHTS_FEATURE,
+    SEEN_SPLIT_NAMES,
+    SimulatedUser,
     build_dataset_dict,
     check_fractions,
     check_int,
     check_positive_float,
     check_seed,
-    mixture_weights,
-    one_hot,
+    empty_rows,
     rng_for,
+    simulate_users,
     split_sizes,
-    unseen_mixture_count,
 )
 
 logger = logging.get_logger(__name__)
@@ -69,17 +70,12 @@ def _features(feature_dim: int) -> Features:
 
 
 def _user_rows(
-    rng: np.random.Generator,
-    user_id: str,
-    group: int,
-    weights: np.ndarray,
-    prototypes: np.ndarray,
-    temperature: float,
-    label_noise: str,
-    num_pairs: int,
+    user: SimulatedUser, prototypes: np.ndarray, temperature: float, label_noise: str, num_pairs: int
 ) -> list[dict]:
+    """`num_pairs` fresh item pairs labelled by `user` under the true model, drawn from the user's generator."""
+    rng = user.rng
     feature_dim = prototypes.shape[1]
-    ideal_point = weights @ prototypes
+    ideal_point = user.weights @ prototypes
     # round the items to float32 first so that the stored features give exactly the stored margins
     items = rng.standard_normal((num_pairs, 2, feature_dim)).astype(np.float32).astype(np.float64)
     rewards = -((items - ideal_point) ** 2).sum(axis=-1) / temperature  # (num_pairs, 2)
@@ -98,11 +94,11 @@ def _user_rows(
             label_probability = 1.0
         rows.append(
             {
-                "user_id": user_id,
+                "user_id": user.user_id,
                 "chosen_features": chosen.tolist(),
                 "rejected_features": rejected.tolist(),
-                "group": group,
-                "mixture_weights": weights.tolist(),
+                "group": user.group,
+                "mixture_weights": user.weights.tolist(),
                 "true_margin": true_margin,
                 "label_probability": label_probability,
             }
@@ -151,8 +147,9 @@ def load_synthetic_preferences(
 
     Returns:
         `datasets.DatasetDict` with splits `train`, `validation`, `test`, `unseen_train`, `unseen_test` and columns
-        `user_id`, `chosen_features` and `rejected_features` (float32 lists of length `feature_dim`), `group` (-1 for
-        mixture users), `mixture_weights` (the true weights), `true_margin` (`r_i(chosen) - r_i(rejected)` under the
+        `user_id` (`user_000`, `user_001`, ... for seen users, `unseen_user_000`, ... for unseen users),
+        `chosen_features` and `rejected_features` (float32 lists of length `feature_dim`), `group` (-1 for mixture
+        users), `mixture_weights` (the true weights), `true_margin` (`r_i(chosen) - r_i(rejected)` under the
         true model; negative where the sampled label went against the true reward) and `label_probability` (the
         probability that the true model labels the pair as it is stored: `sigmoid(true_margin)` under `"btl"`, 1
         under `"none"`). The defaults give 150 seen users (5,250 / 750 / 1,500 comparisons) and 30 unseen users
@@ -184,29 +181,23 @@ def load_synthetic_preferences(
 
     prototypes = rng_for(seed, _PROTOTYPE_STREAM).standard_normal((num_groups, feature_dim))
     arguments = (prototypes, temperature, label_noise)
-    num_seen_users = num_groups * users_per_group
-    rows = {split: [] for split in ("train", "validation", "test", "unseen_train", "unseen_test")}
-    for index in range(num_seen_users):
-        rng = rng_for(seed, _USER_STREAM, index)
-        if mixture_users:
-            group, weights = -1, mixture_weights(rng, num_groups, dirichlet_alpha)
-        else:
-            group = index // users_per_group
-            weights = one_hot(group, num_groups)
-        for split, count in zip(("train", "validation", "test"), sizes):
-            rows[split] += _user_rows(rng, f"user_{index:04d}", group, weights, *arguments, count)
-
-    num_unseen_mixture = unseen_mixture_count(num_unseen_users, num_seen_users if mixture_users else 0, num_seen_users)
-    for index in range(num_unseen_users):
-        rng = rng_for(seed, _UNSEEN_STREAM, index)
-        if index >= num_unseen_users - num_unseen_mixture:
-            group, weights = -1, mixture_weights(rng, num_groups, dirichlet_alpha)
-        else:
-            group = index % num_groups
-            weights = one_hot(group, num_groups)
-        user_id = f"unseen_user_{index:04d}"
-        rows["unseen_train"] += _user_rows(rng, user_id, group, weights, *arguments, unseen_shots)
-        rows["unseen_test"] += _user_rows(rng, user_id, group, weights, *arguments, unseen_test_pairs)
+    seen_users, unseen_users = simulate_users(
+        num_groups=num_groups,
+        users_per_group=0 if mixture_users else users_per_group,  # all seen users are members, or all are mixtures
+        num_mixture_users=num_groups * users_per_group if mixture_users else 0,
+        num_unseen_users=num_unseen_users,
+        dirichlet_alpha=dirichlet_alpha,
+        seed=seed,
+        seen_stream=_USER_STREAM,
+        unseen_stream=_UNSEEN_STREAM,
+    )
+    rows = empty_rows()
+    for user in seen_users:
+        for split, count in zip(SEEN_SPLIT_NAMES, sizes):
+            rows[split] += _user_rows(user, *arguments, count)
+    for user in unseen_users:
+        rows["unseen_train"] += _user_rows(user, *arguments, unseen_shots)
+        rows["unseen_test"] += _user_rows(user, *arguments, unseen_test_pairs)
 
     dataset_dict = build_dataset_dict(rows, _features(feature_dim))
     if dataset_dict["test"].num_rows:
