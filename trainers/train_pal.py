@@ -57,6 +57,7 @@ from transformers.utils import logging
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from pal_rm import PalRewardModel
+from pal_rm.data import SPLIT_NAMES
 from pal_rm.hub import resolve_user_id_salt
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer, choose_num_prototypes
 from pal_rm.utils import MINILM, resolve_model_path
@@ -66,10 +67,9 @@ logger = logging.get_logger(__name__)
 BUILTIN_DATASETS = ("demo", "persona", "summary")
 # Local data files and the `datasets` builder that reads them.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 # The splits a run uses, by role: seen users (train, validation, test) and unseen users (few-shot, test).
-SPLIT_ROLES = ("train", "validation", "test", "unseen_train", "unseen_test")
-
-
 @dataclass
 class PalScriptArguments:
     """What to train on and what to run around the training."""
@@ -290,7 +290,7 @@ def _files_by_split(files: list[str]) -> dict[str, list[str]]:
 
 def select_splits(dataset: DatasetDict, script_args: PalScriptArguments, user_column: str, unknown_users: str):
     """
-    The splits of the run, renamed to their roles (`SPLIT_ROLES`): train (required), validation and test (optional),
+    The splits of the run, renamed to their roles (`SPLIT_NAMES`): train (required), validation and test (optional),
     unseen_train and unseen_test (optional, together). Each role takes the split named by its `--dataset_*_split`
     argument, else the split named after the role when the dataset has one. A named split that does not exist, a missing
     user or response column, one unseen-user split without the other, or evaluation users the model will not know are
@@ -298,7 +298,7 @@ def select_splits(dataset: DatasetDict, script_args: PalScriptArguments, user_co
     """
     available = list(dataset)
     chosen = {}
-    for role in SPLIT_ROLES:
+    for role in SPLIT_NAMES:
         requested = getattr(script_args, f"dataset_{role}_split")
         if requested is None:
             if role in available:

@@ -146,7 +146,7 @@ def pal_results(trainer, dataset, shots=SHOTS, adapt: bool = True) -> dict:
         "validation_accuracy": accuracy(trainer, dataset["validation"], "validation"),
         "seen_accuracy": accuracy(trainer, dataset["test"], "test"),
     }
-    if adapt and trainer._pal_model.config.num_prototypes > 1:
+    if adapt and trainer.pal_model.config.num_prototypes > 1:
         shot_train, shot_test = shot_datasets(dataset["unseen_train"], dataset["unseen_test"], shots)
         start = time.perf_counter()
         trainer.adapt_users(shot_train)
