@@ -39,7 +39,7 @@ from pal_rm.adaptation import (  # noqa: E402
     prior_particles,
     select_by_mutual_information,
 )
-from pal_rm.cache import EmbeddingCache, featurize_preferences  # noqa: E402
+from pal_rm.cache import FeatureStore, featurize_preferences  # noqa: E402
 from pal_rm.data import available_personas, load_persona_preferences, load_synthetic_preferences  # noqa: E402
 from pal_rm.metrics import per_user_accuracy  # noqa: E402
 from pal_rm.trainers import choose_num_prototypes  # noqa: E402
@@ -194,7 +194,7 @@ def main(argv=None):
             dataset = load_persona_preferences(
                 args.data_dir, mixture_users=setting.endswith("mixture"), seed=args.seed, **data_kwargs
             )
-            dataset = featurize_preferences(dataset, encoder, tokenizer, cache=EmbeddingCache(args.cache_dir))
+            dataset = featurize_preferences(dataset, encoder, tokenizer, cache=FeatureStore(args.cache_dir))
             dim = len(dataset["train"][0]["chosen_features"])
 
             def make_model(k, dim=dim):

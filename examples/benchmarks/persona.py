@@ -43,7 +43,7 @@ from _common import (  # noqa: E402
 from transformers import AutoTokenizer, set_seed  # noqa: E402
 
 from pal_rm import PalRewardModel  # noqa: E402
-from pal_rm.cache import EmbeddingCache, featurize_preferences  # noqa: E402
+from pal_rm.cache import FeatureStore, featurize_preferences  # noqa: E402
 from pal_rm.data import available_personas, load_persona_preferences  # noqa: E402
 from pal_rm.utils import MINILM, resolve_model_path  # noqa: E402
 
@@ -191,7 +191,7 @@ def main(argv=None):
     backbone = resolve_model_path(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     encoder = PalRewardModel.from_backbone(backbone, variant="b", num_prototypes=1).eval()
-    cache = EmbeddingCache(args.cache_dir)
+    cache = FeatureStore(args.cache_dir)
     results = {
         "machine": machine(),
         "command": "python examples/benchmarks/persona.py" + (" --smoke" if args.smoke else ""),
