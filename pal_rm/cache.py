@@ -1,29 +1,36 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
-"""Embedding cache: with a frozen backbone, every unique text goes through the backbone once in the whole job.
+"""Feature store: with a frozen backbone, every unique text goes through the backbone once in the whole job.
 
-Features live in one [`FeatureTable`] per backbone (a single 2-D tensor, float32 or half precision) that the trainer's
-collator reads directly. Keys are `(backbone fingerprint, pooling, max length, text)`. Given a folder, the table is also
-kept on disk as one safetensors file per backbone/pooling/max-length/dtype (features and the SHA-1 of each text),
-written atomically by the main process. Under `accelerate launch` / `torchrun`, [`EmbeddingCache.encode_rows`] with
-`distributed=True` splits the texts to encode across the processes and gathers the features, so that every process
-ends with the same table.
+The pooled features of one backbone live in one [`FeatureStore`]: a single 2-D tensor (float32 or half precision), one
+row per text, keyed by the SHA-1 digest of the text, that the trainer's collator reads directly. A store belongs to one
+backbone fingerprint ([`backbone_fingerprint`]: weights, pooling, max length, tokenizer), so features of two backbones
+never mix. Given a folder, the store is also kept on disk as one safetensors file per fingerprint and dtype (features
+and the SHA-1 of each text), written atomically by the main process. Under `accelerate launch` / `torchrun`,
+[`FeatureStore.encode_rows`] with `distributed=True` splits the texts to encode across the processes and gathers the
+features, so that every process ends with the same store.
 """
 
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers.utils import logging
+
+from .utils import atomic_write
 
 logger = logging.get_logger(__name__)
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Features sent per process and per collective call when gathering encoded texts: bounds the transient memory.
 GATHER_CHUNK_BYTES = 64 * 1024 * 1024
+# Bytes of a text key (SHA-1).
+KEY_BYTES = 20
+# `format` in the metadata of a feature file, next to `fingerprint` (which reading checks).
+FILE_FORMAT = "pal_rm.FeatureStore"
 
 
 def resolve_feature_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -58,35 +65,106 @@ def backbone_hash(model, max_length: int | None) -> str:
 
 
 def text_key(text: str) -> bytes:
-    """The key of a text in a [`FeatureTable`] of an [`EmbeddingCache`]: its SHA-1 digest (20 bytes)."""
+    """The key of a text in a [`FeatureStore`]: its SHA-1 digest (20 bytes)."""
     return hashlib.sha1(text.encode("utf-8")).digest()
 
 
-class FeatureTable:
+def backbone_fingerprint(model, tokenizer, max_length: int | None = None) -> str:
     """
-    Pooled backbone features held once: one `(num_rows, hidden_size)` tensor (in `dtype`, on the CPU) whose rows the
-    processed datasets address by index. Rows added with keys (text digests) are deduplicated and can be looked up;
-    rows added without keys (pooled-feature columns) are appended as they come.
+    The fingerprint of `model`'s backbone read with `tokenizer` and truncated at `max_length` (by default the
+    smallest of 512 and the tokenizer's and backbone's limits): [`backbone_hash`]. It names a [`FeatureStore`].
+    """
+    from .modeling_pal import default_max_length
+
+    model.register_tokenizer(tokenizer)
+    return backbone_hash(model, max_length or default_max_length(tokenizer, model.config))
+
+
+class FeatureStore:
+    """
+    Pooled backbone features of texts, each held once and computed once: one `(num_rows, hidden_size)` tensor
+    ([`table`], in `dtype`, on the CPU) whose rows the processed datasets address by index, and a map from the SHA-1
+    digest of each text ([`text_key`]) to its row. The store owns the only copy of the features: the collator reads
+    [`table`], and a file read from disk becomes the table as read.
+
+    A store holds the features of one backbone, named by its fingerprint ([`backbone_fingerprint`]: weights, pooling,
+    max length, tokenizer): `fingerprint`, or that of the first model [`encode_rows`] encodes with. Encoding with
+    another backbone is then an error; each backbone gets a store of its own (the same `cache_dir` is fine). With
+    `cache_dir`, the store starts from its file in that folder (a file that is unreadable, or whose fingerprint, dtype
+    or shapes are wrong, is a warning and is rebuilt, never trusted) and writes it again, atomically, whenever
+    [`encode_rows`] adds rows.
+
+    Looking up never adds: [`rows`] raises for texts without a row, [`missing`] lists them. Rows are added explicitly,
+    by [`add`] (features of texts, each text once), [`append`] (rows without a text: pooled-feature columns, never
+    written to disk) or [`encode_rows`] / [`encode`] (which put the texts without a row through `model.encode_texts`).
+
+    Under several processes (`accelerate launch`, `torchrun`), pass `distributed=True` to [`encode_rows`] /
+    [`encode`] from every process with the same texts: the texts that the store lacks are split across the processes
+    (balanced by length), each process encodes its share, and the features are gathered into the new rows in place, so
+    that every process holds the whole table once. The main process alone writes the file; the others wait for it. The
+    cache folder must then be one that every process sees (shared storage, like `output_dir`).
+
+    Rows are only ever created by `_grow` (new rows, a view of the table, filled in place) and read through [`table`];
+    the keys live in a dict, the features never in Python objects. Two later changes stay inside this class. Sharding:
+    encoding already fills new rows in place from an all-gather (`_encode_sharded`), and a store sharded across ranks
+    would own a range of rows, since datasets address rows by index. Features larger than memory: in the file,
+    `features` is one row-major block after the safetensors header, so `safe_open(path, "pt").get_slice("features")`
+    reads rows lazily and a `numpy.memmap` at offset `8 + header_length + data_offsets[0]` maps them whole
+    (`torch.from_numpy` makes it the table; bfloat16 as int16, viewed back); a memory-mapped store would hold that map
+    as its table and grow by writing rows at the end of a file with capacity reserved ahead, instead of reallocating.
+
+    Args:
+        cache_dir (`str`, *optional*):
+            Folder of the store's file (`<fingerprint>[.<dtype>].safetensors`). `None`: in memory only.
+        dtype (`str` or `torch.dtype`, *optional*, defaults to `torch.float32`):
+            Storage precision: `"float32"`, or `"float16"` / `"bfloat16"` for half the memory. Features are computed
+            in float32 and cast once; a value that becomes NaN or inf is an error.
+        fingerprint (`str`, *optional*):
+            The backbone fingerprint of the store ([`backbone_fingerprint`]); its file is read now. `None`: that of the
+            first model [`encode_rows`] encodes with (a store that only [`append`]s rows needs none).
 
     Example:
 
     ```python
-    >>> table = FeatureTable(dtype=torch.float16)
-    >>> table.add(torch.randn(2, 384), keys=["a text", "another"])
-    [0, 1]
-    >>> table.missing(["another", "new", "new"]), table.table.shape, table.nbytes
-    (['new'], torch.Size([2, 384]), 1536)
+    >>> store = FeatureStore(cache_dir="~/.cache/pal_rm", dtype="float16")
+    >>> store.encode_rows(model, tokenizer, ["a text", "another", "a text"])  # each text through the backbone once
+    [0, 1, 0]
+    >>> store.rows(["another"]), store.missing(["another", "new"]), store.table.shape
+    ([1], ['new'], torch.Size([2, 384]))
+    >>> store.rows(["new"])
+    KeyError: '1 of the 1 texts have no row in the feature store (the first: 'new'). Add them first ...'
     ```
     """
 
-    def __init__(self, dtype: str | torch.dtype = torch.float32):
+    def __init__(
+        self,
+        cache_dir: str | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        fingerprint: str | None = None,
+    ):
+        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
         self.dtype = resolve_feature_dtype(dtype)
+        self.num_encoded = 0
+        self._fingerprint: str | None = None
         self._table: torch.Tensor | None = None
-        self._rows: dict[Hashable, int] = {}
-        self._keys: list[Hashable | None] = []
+        self._rows: dict[bytes, int] = {}  # text key -> row; insertion order is row order
+        if fingerprint is not None:
+            self._bind(fingerprint)
 
     def __len__(self) -> int:
         return 0 if self._table is None else self._table.shape[0]
+
+    def __repr__(self) -> str:
+        width = 0 if self._table is None else self._table.shape[1]
+        return (
+            f"{type(self).__name__}(rows={len(self)}, hidden_size={width}, dtype={self.dtype}, "
+            f"fingerprint={self._fingerprint!r}, cache_dir={self.cache_dir!r})"
+        )
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The backbone fingerprint of the store (`None` until it encodes, or when it holds pooled-feature rows only)."""
+        return self._fingerprint
 
     @property
     def table(self) -> torch.Tensor:
@@ -98,39 +176,237 @@ class FeatureTable:
         """Memory held by the features, in bytes."""
         return 0 if self._table is None else self._table.numel() * self._table.element_size()
 
-    def missing(self, keys: Sequence[Hashable]) -> list[Hashable]:
-        """The keys without a row, each once, in order of first appearance."""
-        return [key for key in dict.fromkeys(keys) if key not in self._rows]
+    @property
+    def path(self) -> str | None:
+        """The store's file in `cache_dir` (`None` without a folder or a fingerprint)."""
+        if self.cache_dir is None or self._fingerprint is None:
+            return None
+        suffix = "" if self.dtype == torch.float32 else f".{str(self.dtype).removeprefix('torch.')}"
+        return os.path.join(self.cache_dir, f"{self._fingerprint}{suffix}.safetensors")
 
-    def rows(self, keys: Sequence[Hashable]) -> list[int]:
-        """The row of each key (a `KeyError` for a key without one)."""
-        try:
-            return [self._rows[key] for key in keys]
-        except KeyError as error:
+    def missing(self, texts: Sequence[str]) -> list[str]:
+        """The texts without a row, each once, in order of first appearance."""
+        return [text for text in dict.fromkeys(texts) if text_key(text) not in self._rows]
+
+    def rows(self, texts: Sequence[str]) -> list[int]:
+        """The row of each text. A text without a row is a `KeyError` (naming how many lack one); nothing is added."""
+        rows = [self._rows.get(text_key(text)) for text in texts]
+        if None in rows:
+            missing = [text for text, row in zip(texts, rows) if row is None]
             raise KeyError(
-                f"The feature table has no row for key {error.args[0]!r}; add its features first."
-            ) from None
+                f"{len(missing)} of the {len(texts)} texts have no row in the feature store (the first: "
+                f"{missing[0][:80]!r}). Add them first with `add` (features you have) or `encode_rows` (to encode "
+                "them with the backbone)."
+            )
+        return rows
 
-    def add(self, features: torch.Tensor, keys: Sequence[Hashable] | None = None) -> list[int]:
+    def add(self, texts: Sequence[str], features: torch.Tensor) -> list[int]:
         """
-        Appends rows and returns the row of each input row. With `keys`, rows whose key is already known (or repeated
-        in `keys`) are not added again and `features` is only read for the new keys (pass `torch.empty(0)` to look
-        known keys up). Features are cast to `self.dtype`; a value that becomes NaN or inf is an error.
+        Adds the features of texts and returns the row of each text.
+
+        Args:
+            texts (`Sequence[str]`):
+                The texts, keyed by their SHA-1 digest. A text that already has a row (or comes earlier in `texts`)
+                keeps it: its row of `features` is not read.
+            features (`torch.Tensor` of shape `(len(texts), hidden_size)`):
+                One row per text, cast to `self.dtype`. A value that is (or becomes, by the cast) NaN or inf is an
+                error, and leaves the store as it was.
         """
-        if keys is None:
-            checked = self.checked(features)  # before the table grows: a bad row leaves it as it was
-            self._extend(features.shape[0], features.shape[-1] if features.dim() == 2 else None).copy_(checked)
-            return list(range(len(self) - features.shape[0], len(self)))
+        if features.dim() != 2 or features.shape[0] != len(texts):
+            raise ValueError(
+                f"`features` must hold one row per text: got shape {tuple(features.shape)} for {len(texts)} texts."
+            )
+        keys = [text_key(text) for text in texts]
+        self._add_keyed(keys, features)
+        return [self._rows[key] for key in keys]
+
+    def append(self, features: torch.Tensor) -> list[int]:
+        """
+        Adds rows without a text (pooled-feature columns: addressed by row only, never written to disk) and returns
+        their rows. `features` is `(num_rows, hidden_size)`, cast to `self.dtype` (NaN or inf is an error, and adds
+        nothing).
+        """
+        if features.dim() != 2:
+            raise ValueError("Features must be a 2-D tensor (rows, hidden_size).")
+        checked = self._checked(features)  # before the table grows: a bad row leaves it as it was
+        start = len(self)
+        self._grow(checked.shape[0], checked.shape[1]).copy_(checked)
+        return list(range(start, start + checked.shape[0]))
+
+    def encode_rows(
+        self,
+        model,
+        tokenizer,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        max_length: int | None = None,
+        show_progress: bool = True,
+        distributed: bool = False,
+        lockstep: bool = False,
+        fingerprint: str | None = None,
+    ) -> list[int]:
+        """
+        Adds the features of the texts without a row, computed by `model.encode_texts` (each such text once), writes
+        the store's file, and returns the row of every text.
+
+        Args:
+            model ([`PalRewardModel`]):
+                A model with a backbone. Its fingerprint (or `fingerprint`) must be the store's, or becomes it.
+            tokenizer (`PreTrainedTokenizerBase`):
+                The tokenizer the model reads texts with.
+            texts (`Sequence[str]`):
+                The texts, as the backbone reads them.
+            batch_size (`int`, *optional*, defaults to `64`):
+                Texts per backbone batch.
+            max_length (`int`, *optional*):
+                Truncation length; by default the smallest of 512 and the tokenizer's and backbone's limits.
+            show_progress (`bool`, *optional*, defaults to `True`):
+                Whether to show a progress bar.
+            distributed (`bool`, *optional*, defaults to `False`):
+                Call from every process with the same texts in the same order: the texts to encode are split across
+                the processes and gathered.
+            lockstep (`bool`, *optional*, defaults to `False`):
+                Every process runs the same number of backbone batches (a process with fewer texts repeats its last
+                one), which a backbone whose parameters are sharded (FSDP2, ZeRO-3) needs for its collectives.
+            fingerprint (`str`, *optional*):
+                Pins the backbone fingerprint (a trainer computes it once, so that later changes to the backbone's
+                config, such as special token ids, do not make it another backbone); by default
+                [`backbone_fingerprint`] of the model now.
+        """
+        from .modeling_pal import default_max_length
+
+        model.register_tokenizer(tokenizer)
+        max_length = max_length or default_max_length(tokenizer, model.config)
+        self._bind(fingerprint or backbone_hash(model, max_length))
+        keys = [text_key(text) for text in texts]
+        missing = [key for key in dict.fromkeys(keys) if key not in self._rows]
+        state = distributed_state() if distributed else None
+        if state is not None:
+            _check_same_keys(missing)
+        if missing:
+            by_key = dict(zip(keys, texts))
+            new_texts = [by_key[key] for key in missing]
+            encode = {"batch_size": batch_size, "max_length": max_length}
+            if state is None:
+                features = model.encode_texts(tokenizer, new_texts, show_progress=show_progress, **encode)
+                self.num_encoded += len(new_texts)
+                self._add_keyed(missing, features)
+            else:
+                self._encode_sharded(model, tokenizer, new_texts, missing, state, show_progress, lockstep, encode)
+            if state is None or state.is_main_process:
+                self.save()
+            if state is not None:
+                state.wait_for_everyone()  # the file is complete before any process goes on
+        return [self._rows[key] for key in keys]
+
+    def encode(
+        self,
+        model,
+        tokenizer,
+        texts: Sequence[str],
+        batch_size: int = 64,
+        max_length: int | None = None,
+        show_progress: bool = True,
+        distributed: bool = False,
+        fingerprint: str | None = None,
+    ) -> torch.Tensor:
+        """Features `(len(texts), hidden_size)` of texts (float32, CPU; a copy, the store keeps its own rows); only
+        texts without a row reach the backbone. The arguments are those of [`encode_rows`]."""
+        rows = self.encode_rows(
+            model, tokenizer, texts, batch_size, max_length, show_progress, distributed, fingerprint=fingerprint
+        )
+        if not rows:
+            return torch.empty(0, model.config.hidden_size)
+        return self.table[torch.tensor(rows, dtype=torch.long)].float()
+
+    def save(self) -> None:
+        """
+        Writes the rows of texts to the store's file ([`path`]): features and text digests in one safetensors file
+        (with the fingerprint in its metadata), replaced atomically. Without `cache_dir` or a fingerprint it does
+        nothing. A failed write is a warning, not an error: the features are in memory, and under several processes
+        the others are waiting for this one.
+        """
+        path = self.path
+        if path is None:
+            return
+        keys, features = self._keyed_rows()
+        if not keys:
+            return
+        digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), KEY_BYTES)
+        metadata = {"format": FILE_FORMAT, "fingerprint": self._fingerprint}
+        try:
+            with atomic_write(path, mode=None) as temporary:
+                save_file({"features": features.contiguous(), "keys": digests}, temporary, metadata=metadata)
+        except OSError as error:
+            logger.warning(
+                f"Could not write the embedding cache in {self.cache_dir} ({error}); training goes on with the "
+                "features in memory, and the next run encodes the texts again."
+            )
+
+    # ------------------------------------------------------------------ internals
+    def _bind(self, fingerprint: str) -> None:
+        """Makes `fingerprint` the store's (reading its file) or checks that it is; another one is an error."""
+        if fingerprint == self._fingerprint:
+            return
+        if self._fingerprint is not None:
+            raise ValueError(
+                f"This feature store holds the features of backbone {self._fingerprint}, and these texts would be "
+                f"encoded by backbone {fingerprint} (other weights, pooling, max length or tokenizer): features of two "
+                "backbones never mix. Give each backbone a `FeatureStore` of its own (the same `cache_dir` is fine), "
+                "or, for the same backbone whose config changed since (a trainer sets its token ids), pass "
+                f"`fingerprint={self._fingerprint!r}`."
+            )
+        self._fingerprint = fingerprint
+        self._read()
+
+    def _read(self) -> None:
+        """Adds the rows of the store's file, when there is one and it is sound; a file that is not is rebuilt."""
+        path = self.path
+        if path is None or not os.path.exists(path):
+            return
+        try:
+            with safe_open(path, framework="pt") as file:
+                metadata = file.metadata() or {}
+                features, digests = file.get_tensor("features"), file.get_tensor("keys")
+            if metadata.get("fingerprint", self._fingerprint) != self._fingerprint:
+                raise ValueError(f"it holds the features of backbone {metadata['fingerprint']}")
+            if features.dim() != 2 or digests.dtype != torch.uint8 or digests.shape != (features.shape[0], KEY_BYTES):
+                raise ValueError("its keys and features disagree")
+            if features.dtype != self.dtype:
+                raise ValueError(f"it holds {features.dtype} features, not {self.dtype}")
+            if not torch.isfinite(features).all():
+                raise ValueError("it holds NaN or inf values")
+            blob = digests.numpy().tobytes()
+            keys = [blob[offset : offset + KEY_BYTES] for offset in range(0, len(blob), KEY_BYTES)]
+            if len(set(keys)) != len(keys):
+                raise ValueError("it holds a text twice")
+        except Exception as error:  # a corrupt file is rebuilt, never trusted
+            logger.warning(f"Ignoring the unreadable embedding cache {path} ({error}); it will be rebuilt.")
+            return
+        if self._table is None:
+            self._table = features  # adopted as read: no second copy
+            self._rows = dict(zip(keys, range(len(keys))))
+        else:  # rows appended before the store had a fingerprint come first
+            self._add_keyed(keys, features)
+
+    def _add_keyed(self, keys: Sequence[bytes], features: torch.Tensor) -> None:
+        """Adds the rows of `features` whose key has no row yet (the first of repeated keys)."""
         positions = {}
         for position, key in enumerate(keys):
             if key not in self._rows and key not in positions:
                 positions[key] = position
-        if positions:
-            checked = self.checked(features[torch.tensor(list(positions.values()), dtype=torch.long)])
-            self._extend(len(positions), checked.shape[-1], list(positions)).copy_(checked)
-        return [self._rows[key] for key in keys]
+        if not positions:
+            return
+        checked = self._checked(features[torch.tensor(list(positions.values()), dtype=torch.long)])
+        start = len(self)
+        self._grow(len(positions), checked.shape[-1]).copy_(checked)
+        self._register(list(positions), start)
 
-    def checked(self, features: torch.Tensor) -> torch.Tensor:
+    def _register(self, keys: Sequence[bytes], start: int) -> None:
+        """Maps `keys` to the rows `start`, `start + 1`, ... (filled already)."""
+        self._rows.update(zip(keys, range(start, start + len(keys))))
+
+    def _checked(self, features: torch.Tensor) -> torch.Tensor:
         """`features` in `self.dtype` on the CPU; an error when a value is (or becomes, by the cast) NaN or inf."""
         converted = features.detach().to(device="cpu", dtype=self.dtype)
         finite = torch.isfinite(converted)
@@ -145,206 +421,33 @@ class FeatureTable:
             raise ValueError(f"Features of {len(rows)} rows (e.g. rows {rows[:10]}) are not finite: {cause}.")
         return converted
 
-    def _extend(self, num_rows: int, hidden_size: int | None, keys: Sequence[Hashable] | None = None) -> torch.Tensor:
-        """Grows the table by `num_rows` rows (registered under `keys`) and returns them, uninitialised, to fill."""
+    def _grow(self, num_rows: int, hidden_size: int) -> torch.Tensor:
+        """Grows the table by `num_rows` rows and returns them (a view of the table, uninitialised) to fill."""
         if num_rows == 0:
-            return torch.empty(0, hidden_size or 0, dtype=self.dtype)
+            return torch.empty(0, hidden_size, dtype=self.dtype)
         old = self._table
-        if old is not None and hidden_size is not None and hidden_size != old.shape[1]:
+        if old is not None and hidden_size != old.shape[1]:
+            source = f" (read from {self.path}; delete that file to rebuild it)" if self.path else ""
             raise ValueError(
-                f"Features of width {hidden_size} cannot join a feature table of width {old.shape[1]}: all features "
-                "of one trainer must come from the same backbone and pooling."
+                f"Features of width {hidden_size} cannot join a feature table of width {old.shape[1]}{source}: all "
+                "features of one trainer must come from the same backbone and pooling."
             )
-        if hidden_size is None:
-            raise ValueError("Features must be a 2-D tensor (rows, hidden_size).")
         start = len(self)
         table = torch.empty(start + num_rows, hidden_size, dtype=self.dtype)
         if old is not None:
             table[:start] = old
         self._table = table  # the old table is released here: one copy at rest, two only while growing
-        if keys is None:
-            self._keys.extend([None] * num_rows)
-        else:
-            for offset, key in enumerate(keys):
-                self._rows[key] = start + offset
-            self._keys.extend(keys)
         return table[start:]
 
-    def keyed_rows(self) -> tuple[list[Hashable], torch.Tensor]:
-        """The keys of the keyed rows and those rows' features (the table itself when every row is keyed)."""
-        if len(self._rows) == len(self):
-            return list(self._keys), self.table
-        rows = [row for row, key in enumerate(self._keys) if key is not None]
-        return [self._keys[row] for row in rows], self.table[torch.tensor(rows, dtype=torch.long)]
+    def _keyed_rows(self) -> tuple[list[bytes], torch.Tensor]:
+        """The keys of the rows of texts and those rows' features (the table itself when every row has a text)."""
+        keys = list(self._rows)
+        if len(keys) == len(self):
+            return keys, self.table
+        return keys, self.table[torch.tensor(list(self._rows.values()), dtype=torch.long)]
 
-
-class EmbeddingCache:
-    """
-    Pooled backbone features of texts, computed once: one [`FeatureTable`] per backbone fingerprint, in memory and,
-    given `cache_dir`, on disk.
-
-    `dtype` is the storage precision of the tables (`"float32"`, or `"float16"` / `"bfloat16"` for half the memory);
-    features are computed in float32 and cast once. `num_encoded` counts the texts this process put through the
-    backbone.
-
-    Under several processes (`accelerate launch`, `torchrun`), pass `distributed=True` to [`encode_rows`] /
-    [`encode`] from every process with the same texts: the texts that no table holds yet are split across the
-    processes (balanced by length), each process encodes its share, and the features are gathered so that every
-    process holds the whole table once. The main process alone writes the cache file; the others wait for it. The
-    cache folder must then be one that every process sees (shared storage, like `output_dir`).
-
-    Example:
-
-    ```python
-    >>> cache = EmbeddingCache(cache_dir="~/.cache/pal_rm")
-    >>> features = cache.encode(model, tokenizer, ["a text", "another"])  # (2, hidden_size), float32
-    ```
-    """
-
-    def __init__(self, cache_dir: str | None = None, dtype: str | torch.dtype = torch.float32):
-        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else None
-        self.dtype = resolve_feature_dtype(dtype)
-        self._tables: dict[str, FeatureTable] = {}
-        self.num_encoded = 0
-
-    def _path(self, fingerprint: str) -> str:
-        suffix = "" if self.dtype == torch.float32 else f".{str(self.dtype).removeprefix('torch.')}"
-        return os.path.join(self.cache_dir, f"{fingerprint}{suffix}.safetensors")
-
-    def _load(self, fingerprint: str) -> FeatureTable:
-        table = FeatureTable(self.dtype)
-        if self.cache_dir is None:
-            return table
-        path = self._path(fingerprint)
-        if not os.path.exists(path):
-            return table
-        try:
-            stored = load_file(path)
-            features, digests = stored["features"], stored["keys"]
-            if features.dim() != 2 or digests.shape != (features.shape[0], 20):
-                raise ValueError("its keys and features disagree")
-            if features.dtype != self.dtype:
-                raise ValueError(f"it holds {features.dtype} features, not {self.dtype}")
-            if not torch.isfinite(features).all():
-                raise ValueError("it holds NaN or inf values")
-        except Exception as error:  # a corrupt cache is rebuilt, never trusted
-            logger.warning(f"Ignoring the unreadable embedding cache {path} ({error}); it will be rebuilt.")
-            return table
-        blob = digests.numpy().tobytes()
-        keys = [blob[offset : offset + 20] for offset in range(0, len(blob), 20)]
-        table._table = features  # adopted as loaded: no second copy
-        table._keys = keys
-        table._rows = {key: row for row, key in enumerate(keys)}
-        return table
-
-    def _save(self, fingerprint: str) -> None:
-        """
-        Writes the keyed rows of the table to the cache folder in one file, atomically (temporary file + rename). A
-        failed write is a warning, not an error: the features are in memory, and under several processes the others
-        are waiting for this one.
-        """
-        if self.cache_dir is None:
-            return
-        temporary = None
-        try:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            keys, features = self._tables[fingerprint].keyed_rows()
-            digests = torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(len(keys), 20)
-            handle, temporary = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-            os.close(handle)
-            save_file({"features": features.contiguous(), "keys": digests}, temporary)
-            os.replace(temporary, self._path(fingerprint))
-        except OSError as error:
-            logger.warning(
-                f"Could not write the embedding cache in {self.cache_dir} ({error}); training goes on with the "
-                "features in memory, and the next run encodes the texts again."
-            )
-        finally:
-            if temporary is not None and os.path.exists(temporary):
-                os.remove(temporary)
-
-    def fingerprint(self, model, tokenizer, max_length: int | None = None) -> str:
-        """The key of `model`'s backbone with `tokenizer` and `max_length` ([`backbone_hash`]); it names its table."""
-        from .modeling_pal import default_max_length
-
-        model.register_tokenizer(tokenizer)
-        return backbone_hash(model, max_length or default_max_length(tokenizer, model.config))
-
-    def feature_table(self, fingerprint: str) -> FeatureTable:
-        """The table of a backbone fingerprint ([`fingerprint`]), loaded from the cache folder the first time."""
-        if fingerprint not in self._tables:
-            self._tables[fingerprint] = self._load(fingerprint)
-        return self._tables[fingerprint]
-
-    def encode_rows(
-        self,
-        model,
-        tokenizer,
-        texts: Sequence[str],
-        batch_size: int = 64,
-        max_length: int | None = None,
-        show_progress: bool = True,
-        distributed: bool = False,
-        lockstep: bool = False,
-        fingerprint: str | None = None,
-    ) -> tuple[FeatureTable, list[int]]:
-        """
-        Makes sure every text has a row in the table of `model`'s backbone and returns that table and the row of each
-        text. Only texts that no row holds reach the backbone, each once; with `distributed=True` (call it from every
-        process, with the same texts in the same order) they are split across the processes and gathered.
-        `lockstep=True` makes every process run the same number of backbone batches (a process with fewer texts repeats
-        its last one), which a backbone whose parameters are sharded (FSDP2, ZeRO-3) needs for its collectives.
-        `fingerprint` pins the table (a trainer computes it once, so that later changes to the backbone's config, such
-        as special token ids, do not start a new table); by default it is [`fingerprint`] of the model now.
-        """
-        from .modeling_pal import default_max_length
-
-        model.register_tokenizer(tokenizer)
-        max_length = max_length or default_max_length(tokenizer, model.config)
-        fingerprint = fingerprint or backbone_hash(model, max_length)
-        table = self.feature_table(fingerprint)
-        keys = [text_key(text) for text in texts]
-        missing = table.missing(keys)
-        state = distributed_state() if distributed else None
-        if state is not None:
-            _check_same_keys(missing)
-        if missing:
-            by_key = dict(zip(keys, texts))
-            new_texts = [by_key[key] for key in missing]
-            encode = {"batch_size": batch_size, "max_length": max_length}
-            if state is None:
-                features = model.encode_texts(tokenizer, new_texts, show_progress=show_progress, **encode)
-                self.num_encoded += len(new_texts)
-                table.add(features, missing)
-            else:
-                self._encode_sharded(
-                    model, tokenizer, table, new_texts, missing, state, show_progress, lockstep, encode
-                )
-            if state is None or state.is_main_process:
-                self._save(fingerprint)
-            if state is not None:
-                state.wait_for_everyone()  # the cache file is complete before any process goes on
-        return table, table.rows(keys)
-
-    def encode(
-        self,
-        model,
-        tokenizer,
-        texts: Sequence[str],
-        batch_size: int = 64,
-        max_length: int | None = None,
-        show_progress: bool = True,
-        distributed: bool = False,
-    ) -> torch.Tensor:
-        """Features `(len(texts), hidden_size)` (float32, CPU; a copy); only texts never seen before reach the backbone
-        (see [`encode_rows`] for `distributed`)."""
-        table, rows = self.encode_rows(model, tokenizer, texts, batch_size, max_length, show_progress, distributed)
-        if not rows:
-            return torch.empty(0, model.config.hidden_size)
-        return table.table[torch.tensor(rows, dtype=torch.long)].float()
-
-    def _encode_sharded(self, model, tokenizer, table, texts, keys, state, show_progress, lockstep, encode) -> None:
-        """Each process encodes every `num_processes`-th text by length; the features are gathered into `table`."""
+    def _encode_sharded(self, model, tokenizer, texts, keys, state, show_progress, lockstep, encode) -> None:
+        """Each process encodes every `num_processes`-th text by length; the features are gathered into new rows."""
         world, rank = state.num_processes, state.process_index
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))  # the same on every process
         shards = [order[process::world] for process in range(world)]
@@ -355,7 +458,7 @@ class EmbeddingCache:
         try:
             local = model.encode_texts(tokenizer, own, show_progress=show_progress and state.is_main_process, **encode)
             self.num_encoded += len(own)
-            local = table.checked(local[: len(shards[rank])])
+            local = self._checked(local[: len(shards[rank])])
         except Exception as exception:  # every process must learn of it, or the others wait forever below
             error = exception
         failures = _all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
@@ -365,8 +468,9 @@ class EmbeddingCache:
             if failure is not None:
                 raise RuntimeError(f"Encoding the texts failed on process {process}: {failure}")
         hidden_size = local.shape[1] if local.dim() == 2 else model.config.hidden_size
-        new_rows = table._extend(len(texts), hidden_size, keys)
-        _all_gather_rows(local, new_rows, shards, state)
+        start = len(self)
+        _all_gather_rows(local, self._grow(len(texts), hidden_size), shards, state)
+        self._register(keys, start)
 
 
 def distributed_state():
@@ -439,7 +543,7 @@ def featurize_preferences(
     dataset,
     model,
     tokenizer,
-    cache: EmbeddingCache | None = None,
+    cache: FeatureStore | None = None,
     batch_size: int = 64,
     max_length: int | None = None,
     show_progress: bool = True,
@@ -452,7 +556,7 @@ def featurize_preferences(
     `dataset` is a `Dataset` or `DatasetDict` with `prompt`, `chosen` and `rejected` (plain text or conversations,
     formatted as the trainer formats them). The result has `chosen_features`, `rejected_features` and
     `prompt_features` in place of the texts; every other column is kept. Each unique text is encoded once (across all
-    splits), through `cache`.
+    splits), through `cache` (a [`FeatureStore`]; a new one in memory by default).
     """
     from datasets import Dataset, DatasetDict
 
@@ -475,7 +579,7 @@ def featurize_preferences(
             rows.append((prompt_text, chosen_text, rejected_text))
         formatted[name] = rows
     texts = list(dict.fromkeys(text for rows in formatted.values() for row in rows for text in row))
-    cache = cache if cache is not None else EmbeddingCache()
+    cache = cache if cache is not None else FeatureStore()
     features = cache.encode(
         model, tokenizer, texts, batch_size=batch_size, max_length=max_length, show_progress=show_progress
     ).numpy()
@@ -493,8 +597,8 @@ def featurize_preferences(
 
 
 __all__ = [
-    "EmbeddingCache",
-    "FeatureTable",
+    "FeatureStore",
+    "backbone_fingerprint",
     "backbone_hash",
     "distributed_state",
     "featurize_preferences",

@@ -41,7 +41,7 @@ def run(
     import torch
 
     import pal_rm.cache
-    from pal_rm.cache import EmbeddingCache, text_key
+    from pal_rm.cache import FeatureStore
     from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 
     dataset = small_dataset()
@@ -60,7 +60,12 @@ def run(
     model.backbone.register_forward_pre_hook(record, with_kwargs=True)
     writes = []
     save_file = pal_rm.cache.save_file
-    pal_rm.cache.save_file = lambda tensors, path: (writes.append(path), save_file(tensors, path))[1]
+
+    def counted_save_file(tensors, path, **kwargs):
+        writes.append(path)
+        return save_file(tensors, path, **kwargs)
+
+    pal_rm.cache.save_file = counted_save_file
 
     args = PalRewardConfig(
         output_dir=output_dir,
@@ -106,16 +111,14 @@ def run(
         "train_steps": trainer.state.global_step,
     }
     if cache_dir is not None:  # a new cache on the same folder reads every text back: nothing to encode
-        again = EmbeddingCache(cache_dir, dtype=feature_dtype)
-        table, rows = again.encode_rows(
+        again = FeatureStore(cache_dir, dtype=feature_dtype)
+        rows = again.encode_rows(
             model, tokenizer, [texts[0]], distributed=True, fingerprint=trainer._backbone_fingerprint
         )
         result["reread_encoded"] = again.num_encoded
-        result["reread_rows"] = len(table)
+        result["reread_rows"] = len(again)
         result["reread_matches"] = bool(
-            torch.equal(
-                table.table[rows], trainer._feature_table.table[trainer._feature_table.rows([text_key(texts[0])])]
-            )
+            torch.equal(again.table[rows], trainer._feature_table.table[trainer._feature_table.rows([texts[0]])])
         )
     # Saved after adapt_users, through the engine (ZeRO-3 consolidates its partitions), the model reloads whole.
     saved = os.path.join(output_dir, "saved")
@@ -139,14 +142,14 @@ def run(
 
 def collective_checks(model, tokenizer, rank: int) -> dict:
     """What goes wrong on one process is an error on every process, never a hang; lockstep encoding."""
-    from pal_rm.cache import EmbeddingCache
+    from pal_rm.cache import FeatureStore
 
     checks = {}
     try:  # the processes pass different texts
-        EmbeddingCache().encode_rows(model, tokenizer, [f"only on process {rank}"], distributed=True)
+        FeatureStore().encode_rows(model, tokenizer, [f"only on process {rank}"], distributed=True)
     except ValueError as error:
         checks["disagreement_error"] = str(error)
-    cache = EmbeddingCache()
+    cache = FeatureStore()
     encode_texts = model.encode_texts
     if rank == 1:  # encoding fails on process 1 only
 
@@ -160,11 +163,11 @@ def collective_checks(model, tokenizer, rank: int) -> dict:
         checks["failure_error"] = f"{type(error).__name__}: {error}"
     model.encode_texts = encode_texts
     texts = ["a first text", "the second text", "and a third text"]  # 3 texts: shards of 2 and 1
-    lockstep = EmbeddingCache()
-    table, rows = lockstep.encode_rows(model, tokenizer, texts, distributed=True, lockstep=True, batch_size=1)
-    alone = EmbeddingCache().encode(model, tokenizer, texts, show_progress=False)
+    lockstep = FeatureStore()
+    rows = lockstep.encode_rows(model, tokenizer, texts, distributed=True, lockstep=True, batch_size=1)
+    alone = FeatureStore().encode(model, tokenizer, texts, show_progress=False)
     checks["lockstep_encoded"] = lockstep.num_encoded
-    checks["lockstep_matches"] = bool((table.table[rows] - alone).abs().max() < 1e-5)
+    checks["lockstep_matches"] = bool((lockstep.table[rows] - alone).abs().max() < 1e-5)
     return checks
 
 

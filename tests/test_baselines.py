@@ -7,7 +7,7 @@ from datasets import Dataset, DatasetDict
 
 from pal_rm import PalConfig, PalRewardModel
 from pal_rm.baselines import IndependentRewardHeads, fix_user_mixtures, one_reward_model
-from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.cache import FeatureStore, featurize_preferences
 
 
 def opposite_tastes(num_pairs=80, seed=0):
@@ -85,7 +85,7 @@ def test_featurize_preferences_matches_the_backbone(word_tokenizer):
             "group": [0, 1],
         }
     )
-    cache = EmbeddingCache()
+    cache = FeatureStore()
     features = featurize_preferences(DatasetDict({"train": data, "test": data}), model, word_tokenizer, cache=cache)
     assert set(features) == {"train", "test"}
     row = features["train"][0]

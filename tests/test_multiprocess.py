@@ -22,7 +22,7 @@ import torch
 from conftest import make_word_tokenizer, tiny_model
 from datasets import Dataset
 
-from pal_rm.cache import EmbeddingCache, FeatureTable
+from pal_rm.cache import FeatureStore
 from pal_rm.trainers import DataCollatorForPersonalizedPreference, PalRewardConfig, PalRewardTrainer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -184,22 +184,22 @@ def test_processes_without_a_process_group_are_an_error(tmp_path, monkeypatch, w
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it, but this process joined no group
     model = tiny_model(vocab_size=len(word_tokenizer))
     with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2.*pass `--use_cpu true`"):
-        EmbeddingCache().encode_rows(model, word_tokenizer, ["the quick fox"], distributed=True)
+        FeatureStore().encode_rows(model, word_tokenizer, ["the quick fox"], distributed=True)
     with pytest.raises(RuntimeError, match=r"one of 2 \(WORLD_SIZE=2\) but is not part of a process group"):
         PalRewardTrainer(model, args, train_dataset=texts_dataset())
 
 
 def test_feature_table_in_half_precision():
     features = torch.randn(3, 8)
-    full, half = FeatureTable(), FeatureTable("float16")
-    assert full.add(features, ["a", "b", "c"]) == half.add(features, ["a", "b", "c"]) == [0, 1, 2]
+    full, half = FeatureStore(), FeatureStore(dtype="float16")
+    assert full.add(["a", "b", "c"], features) == half.add(["a", "b", "c"], features) == [0, 1, 2]
     assert half.table.dtype == torch.float16 and half.nbytes * 2 == full.nbytes == 3 * 8 * 4
     torch.testing.assert_close(half.table.float(), features, atol=2e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="exceed the range of torch.float16; use `feature_dtype='bfloat16'`"):
-        half.add(torch.full((1, 8), 1e6), ["big"])
+        half.add(["big"], torch.full((1, 8), 1e6))
     assert half.missing(["big"]) == ["big"]  # nothing half-added
     with pytest.raises(ValueError, match="width 4 cannot join a feature table of width 8"):
-        full.add(torch.randn(1, 4), ["narrow"])
+        full.add(["narrow"], torch.randn(1, 4))
     collator = DataCollatorForPersonalizedPreference(features=half)
     batch = collator([{"chosen_index": 0, "rejected_index": 1, "prompt_index": 2, "user_index": 0}])
     assert batch["item_features"].dtype == batch["prompt_features"].dtype == torch.float32
@@ -225,7 +225,7 @@ def test_trainer_holds_features_once_and_shares_them_with_its_cache(tmp_path):
     trainer = PalRewardTrainer(model, args, train_dataset=texts_dataset(), processing_class=tokenizer)
     table = trainer._feature_table
     assert len(table) == 24  # 8 prompts and 16 prompt + response texts, once each
-    assert table is trainer.embedding_cache.feature_table(trainer._backbone_fingerprint)  # one table, not two
+    assert table is trainer.embedding_cache and table.fingerprint == trainer._backbone_fingerprint  # one store
     assert trainer.data_collator.features is table
     # Another trainer on the same backbone and cache (the script's baseline) uses that table and encodes nothing.
     baseline = tiny_model(vocab_size=len(tokenizer), variant="a", num_prototypes=1)
@@ -240,7 +240,7 @@ def test_trainer_holds_features_once_and_shares_them_with_its_cache(tmp_path):
     assert second._feature_table is table and trainer.embedding_cache.num_encoded == 24
     trainer.train()
     trainer.evaluate(texts_dataset())  # training changed the backbone's config (token ids), not its table
-    assert len(trainer.embedding_cache._tables) == 1
+    assert trainer.embedding_cache.fingerprint == trainer._backbone_fingerprint and len(table) == 24
 
 
 def test_feature_dtype_float16_trains_on_half_the_memory(tmp_path):
@@ -267,8 +267,8 @@ def test_feature_dtype_float16_trains_on_half_the_memory(tmp_path):
     # One file per dtype, each holding features and text keys together (one atomic write).
     names = sorted(os.listdir(cache_dir))
     assert len(names) == 2 and sum(name.endswith(".float16.safetensors") for name in names) == 1
-    reread = EmbeddingCache(str(cache_dir), dtype="float16")
-    assert torch.equal(reread.feature_table(trainer._backbone_fingerprint).table, tables["float16"].table)
+    reread = FeatureStore(str(cache_dir), dtype="float16", fingerprint=trainer._backbone_fingerprint)
+    assert torch.equal(reread.table, tables["float16"].table)
 
 
 def test_feature_dtype_is_checked(tmp_path, word_tokenizer):
@@ -281,7 +281,7 @@ def test_feature_dtype_is_checked(tmp_path, word_tokenizer):
             args,
             train_dataset=texts_dataset(),
             processing_class=word_tokenizer,
-            embedding_cache=EmbeddingCache(dtype="float16"),
+            embedding_cache=FeatureStore(dtype="float16"),
         )
 
 
@@ -370,7 +370,7 @@ def test_cache_write_failure_is_a_warning(tmp_path, caplog, word_tokenizer):
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     model = tiny_model(vocab_size=len(word_tokenizer))
-    cache = EmbeddingCache(str(blocked))
+    cache = FeatureStore(str(blocked))
     with caplog.at_level(logging.WARNING, logger="pal_rm.cache"):
         features = cache.encode(model, word_tokenizer, ["the quick fox", "a lazy dog"], show_progress=False)
     assert "Could not write the embedding cache" in caplog.text

@@ -3,8 +3,7 @@ import torch
 from conftest import tiny_model
 from datasets import Dataset, concatenate_datasets
 
-from pal_rm.cache import EmbeddingCache
-from pal_rm.trainers import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardConfig, PalRewardTrainer
+from pal_rm.trainers import DataCollatorForPersonalizedPreference, FeatureStore, PalRewardConfig, PalRewardTrainer
 
 
 def make_args(tmp_path, **kwargs):
@@ -49,9 +48,9 @@ def test_collator_token_mode_literal_tensors():
 
 
 def test_collator_feature_mode_literal_tensors():
-    table = FeatureTable()
-    table.add(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
-    collator = DataCollatorForPersonalizedPreference(features=table)
+    store = FeatureStore()
+    store.append(torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]))
+    collator = DataCollatorForPersonalizedPreference(features=store)
     output = collator(
         [
             {"chosen_index": 1, "rejected_index": 2, "prompt_index": 0, "user_index": 3},
@@ -61,14 +60,6 @@ def test_collator_feature_mode_literal_tensors():
     assert output["item_features"].tolist() == [[1.0, 1.0], [3.0, 3.0], [2.0, 2.0], [0.0, 0.0]]
     assert output["prompt_features"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
     assert output["user_ids"].tolist() == [3, -1, 3, -1]
-
-
-def test_feature_table_deduplicates_by_key():
-    table = FeatureTable()
-    assert table.add(torch.tensor([[1.0], [2.0]]), ["a", "b"]) == [0, 1]
-    assert table.missing(["a", "c", "c"]) == ["c"]
-    assert table.add(torch.tensor([[2.0], [3.0]]), ["b", "c"]) == [1, 2]
-    assert table.table.squeeze(-1).tolist() == [1.0, 2.0, 3.0]
 
 
 # ---------------------------------------------------------------- training
@@ -116,26 +107,6 @@ def test_frozen_backbone_encodes_every_unique_text_once(tmp_path, small_demo_dat
     trainer.train()
     trainer.evaluate()
     assert len(encoded_rows) == calls  # three epochs and an evaluation without a backbone call
-
-
-def test_embedding_cache_on_disk_is_reused(tmp_path, small_demo_dataset, demo_tokenizer):
-    model = tiny_model("bert", vocab_size=len(demo_tokenizer))
-    texts = small_demo_dataset["train"]["chosen"][:10]
-    first = EmbeddingCache(tmp_path / "cache")
-    features = first.encode(model, demo_tokenizer, texts, show_progress=False)
-    second = EmbeddingCache(tmp_path / "cache")
-    again = second.encode(model, demo_tokenizer, texts, show_progress=False)
-    assert second.num_encoded == 0 and torch.equal(features, again)
-    with torch.no_grad():
-        model.backbone.embeddings.word_embeddings.weight.add_(1.0)  # other weights: other key
-    third = EmbeddingCache(tmp_path / "cache")
-    third.encode(model, demo_tokenizer, texts, show_progress=False)
-    assert third.num_encoded == len(set(texts))
-    for path in (tmp_path / "cache").glob("*.safetensors"):
-        path.write_bytes(b"garbage")
-    fourth = EmbeddingCache(tmp_path / "cache")  # a corrupt cache is rebuilt, not trusted
-    rebuilt = fourth.encode(model, demo_tokenizer, texts, show_progress=False)
-    assert fourth.num_encoded == len(set(texts)) and rebuilt.shape == features.shape
 
 
 def test_parameter_groups_get_their_learning_rates(tmp_path, word_tokenizer):

@@ -9,7 +9,7 @@ from conftest import make_word_tokenizer, tiny_model
 from datasets import Dataset
 
 from pal_rm import PalConfig, PalRewardModel
-from pal_rm.cache import EmbeddingCache
+from pal_rm.cache import FeatureStore
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 
 WORDS = "what is this the quick fox a lazy dog hello world yes no"
@@ -116,12 +116,12 @@ def test_cache_file_with_non_finite_values_is_rebuilt(tmp_path):
     tokenizer = make_word_tokenizer([WORDS])
     model = tiny_model("bert", vocab_size=len(tokenizer))
     texts = ["the quick fox", "a lazy dog"]
-    first = EmbeddingCache(str(tmp_path)).encode(model, tokenizer, texts, show_progress=False)
+    first = FeatureStore(str(tmp_path)).encode(model, tokenizer, texts, show_progress=False)
     (tensor_file,) = tmp_path.glob("*.safetensors")
     stored = load_file(str(tensor_file))["features"]
     stored[1, 0] = math.nan
     save_file({"features": stored}, str(tensor_file))
-    cache = EmbeddingCache(str(tmp_path))
+    cache = FeatureStore(str(tmp_path))
     again = cache.encode(model, tokenizer, texts, show_progress=False)
     assert cache.num_encoded == 2  # rebuilt, not trusted
     torch.testing.assert_close(again, first)

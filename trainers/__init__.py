@@ -3,12 +3,12 @@
 
 from .model_selection import NumPrototypesChoice, choose_num_prototypes
 from .pal_reward_config import PalRewardConfig
-from .pal_reward_trainer import DataCollatorForPersonalizedPreference, FeatureTable, PalRewardTrainer
+from .pal_reward_trainer import DataCollatorForPersonalizedPreference, FeatureStore, PalRewardTrainer
 from .sparse_user_table import SparseUserTableAdam
 
 __all__ = [
     "DataCollatorForPersonalizedPreference",
-    "FeatureTable",
+    "FeatureStore",
     "NumPrototypesChoice",
     "PalRewardConfig",
     "PalRewardTrainer",

@@ -10,7 +10,7 @@ from accelerate.logging import get_logger
 from datasets import Dataset
 from transformers import set_seed
 
-from pal_rm.cache import EmbeddingCache
+from pal_rm.cache import FeatureStore
 from pal_rm.modeling_pal import PalRewardModel
 
 from .pal_reward_config import PalRewardConfig
@@ -39,14 +39,14 @@ def choose_num_prototypes(
     max_num_prototypes: int = 6,
     tolerance: float = 0.0,
     processing_class=None,
-    embedding_cache: EmbeddingCache | None = None,
+    embedding_cache: FeatureStore | None = None,
     **trainer_kwargs,
 ) -> NumPrototypesChoice:
     """
     Trains one PAL model for each K = 1..`max_num_prototypes` (`model_init(K)` builds it) on `train_dataset` and picks K
     by the seen users' accuracy on `eval_dataset` (a validation split, never test): the smallest K whose accuracy is
     within `tolerance` of the best (exact ties go to the smaller K). With a frozen backbone, the texts are encoded once
-    and shared by all K (one `EmbeddingCache`). Each run writes under `args.output_dir/k{K}` and saves no checkpoint.
+    and shared by all K (one `FeatureStore`, by default in `args.embedding_cache_dir`). Each run writes under `args.output_dir/k{K}` and saves no checkpoint.
 
     Example:
 
@@ -64,7 +64,9 @@ def choose_num_prototypes(
         raise ValueError("Choosing K needs a validation split of the seen users (`eval_dataset`).")
     if tolerance < 0:
         raise ValueError(f"`tolerance` must be >= 0, got {tolerance}.")
-    cache = embedding_cache if embedding_cache is not None else EmbeddingCache()
+    cache = embedding_cache
+    if cache is None:
+        cache = FeatureStore(args.embedding_cache_dir, dtype=args.feature_dtype)
     accuracy: dict[int, float] = {}
     trainers: dict[int, PalRewardTrainer] = {}
     for k in range(1, max_num_prototypes + 1):

@@ -27,7 +27,7 @@ from trl.trainer.utils import disable_dropout_in_model, pad
 
 from pal_rm.adaptation import NotEnoughValidationData, embed_pairs, fit_users
 from pal_rm.adaptation import fit_adaptation_prior as _fit_adaptation_prior
-from pal_rm.cache import EmbeddingCache, FeatureTable, distributed_state, resolve_feature_dtype, text_key
+from pal_rm.cache import FeatureStore, backbone_fingerprint, distributed_state, resolve_feature_dtype
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
@@ -49,7 +49,7 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
     then rejected, as TRL's `DataCollatorForPreference`), with the user of each pair repeated for both halves.
 
     Examples hold either cached-feature indices (`chosen_index`, `rejected_index`, `prompt_index` into `features`, a
-    [`~pal_rm.cache.FeatureTable`] whose rows are given as float32 whatever its storage dtype) or
+    [`~pal_rm.cache.FeatureStore`] whose rows are given as float32 whatever its storage dtype) or
     token ids (`chosen_ids`, `rejected_ids`, `prompt_ids`), plus `user_index` (a row of the user table, `-1` for the
     population) and optionally `margin`. Prompts stay one per pair; the model tiles them over the two halves.
 
@@ -70,7 +70,7 @@ class DataCollatorForPersonalizedPreference(DataCollatorMixin):
     """
 
     pad_token_id: int = 0
-    features: FeatureTable | None = None
+    features: FeatureStore | None = None
     pad_to_multiple_of: int | None = None
     return_tensors: str = "pt"
 
@@ -168,7 +168,7 @@ class PalRewardTrainer(RewardTrainer):
         preprocess_logits_for_metrics=None,
         quantization_config=None,
         peft_config=None,
-        embedding_cache: EmbeddingCache | None = None,
+        embedding_cache: FeatureStore | None = None,
         user_id_salt: str | None = None,
     ):
         if args is None:
@@ -235,7 +235,9 @@ class PalRewardTrainer(RewardTrainer):
             )
 
         self._pal_model = model
-        self.embedding_cache = embedding_cache or EmbeddingCache(args.embedding_cache_dir, dtype=args.feature_dtype)
+        if embedding_cache is None:
+            embedding_cache = FeatureStore(args.embedding_cache_dir, dtype=args.feature_dtype)
+        self.embedding_cache = embedding_cache
         self._feature_table = self._new_feature_table(model, processing_class, args)
         self.per_user_accuracy: dict[str, dict[str, float]] = {}
         self._current_eval_prefix = "eval"
@@ -427,10 +429,10 @@ class PalRewardTrainer(RewardTrainer):
             )
             same = (chosen == rejected).all(-1)
             _check_distinct(same, dataset_name, "identical `chosen_features` and `rejected_features`")
-            output["chosen_index"] = table.add(chosen)
-            output["rejected_index"] = table.add(rejected)
+            output["chosen_index"] = table.append(chosen)
+            output["rejected_index"] = table.append(rejected)
             if prompt is not None:
-                output["prompt_index"] = table.add(prompt)
+                output["prompt_index"] = table.append(prompt)
             elif model.config.variant == "b":
                 raise ValueError(f"The {dataset_name} dataset has no `prompt_features`, which PAL-B needs.")
             else:
@@ -465,39 +467,40 @@ class PalRewardTrainer(RewardTrainer):
         )
         return Dataset.from_dict(output)
 
-    def _new_feature_table(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureTable:
+    def _new_feature_table(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureStore:
         """
-        The table the collator reads features from. With a frozen backbone it is the embedding cache's table of that
-        backbone, so every feature is held once per process (and shared with any trainer given the same cache); with
-        a trained backbone or no backbone, a table of its own for pooled-feature columns.
+        The store the collator reads features from. With a frozen backbone it is the embedding cache itself (the
+        [`~pal_rm.cache.FeatureStore`] of that backbone), so every feature is held once per process (and shared with
+        any trainer given the same store); with a trained backbone or no backbone, a store of its own for
+        pooled-feature columns.
         """
         if self.embedding_cache.dtype != resolve_feature_dtype(args.feature_dtype):
             raise ValueError(
                 f"The embedding cache stores {self.embedding_cache.dtype} features but `feature_dtype` is "
-                f"{args.feature_dtype!r}. Build the cache with `EmbeddingCache(..., dtype=args.feature_dtype)`."
+                f"{args.feature_dtype!r}. Build the cache with `FeatureStore(..., dtype=args.feature_dtype)`."
             )
         self._backbone_fingerprint = None
         if model.backbone is not None and not args.train_backbone:
-            self._backbone_fingerprint = self.embedding_cache.fingerprint(model, processing_class, args.max_length)
-            return self.embedding_cache.feature_table(self._backbone_fingerprint)
-        return FeatureTable(args.feature_dtype)
+            self._backbone_fingerprint = backbone_fingerprint(model, processing_class, args.max_length)
+            return self.embedding_cache
+        return FeatureStore(dtype=args.feature_dtype)
 
     def _encode_texts(self, texts: list[str], processing_class, args: PalRewardConfig) -> list[int]:
         """
-        Rows of `texts` in the feature table, encoding with the frozen backbone the texts no row holds yet. Under
+        Rows of `texts` in the feature store, encoding with the frozen backbone the texts no row holds yet. Under
         several processes every process calls this with the same texts: each unique text goes through the backbone in
         one process only and the features are gathered, so every process holds the same table (see
-        [`~pal_rm.cache.EmbeddingCache.encode_rows`]).
+        [`~pal_rm.cache.FeatureStore.encode_rows`]).
         """
         model = self._pal_model
         sharded = self._backbone_is_sharded()
-        move = not sharded and bool(self._feature_table.missing([text_key(text) for text in texts]))
+        move = not sharded and bool(self._feature_table.missing(texts))
         device = model.item_head.layers[-1].weight.device
         if move:
             model.to(args.device)
         try:
             with self.full_pal_parameters():
-                _, rows = self.embedding_cache.encode_rows(
+                rows = self.embedding_cache.encode_rows(
                     model,
                     processing_class,
                     texts,
@@ -1426,4 +1429,4 @@ def _column_list(dataset: Dataset, column: str) -> list:
     return dataset.select_columns([column])[:][column]
 
 
-__all__ = ["DataCollatorForPersonalizedPreference", "FeatureTable", "PalRewardTrainer"]
+__all__ = ["DataCollatorForPersonalizedPreference", "FeatureStore", "PalRewardTrainer"]

@@ -36,7 +36,7 @@ from pal_rm.adaptation import (
     prior_particles,
     select_by_mutual_information,
 )
-from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.cache import FeatureStore, featurize_preferences
 from pal_rm.data import available_personas, load_persona_preferences, load_synthetic_preferences
 from pal_rm.metrics import per_user_accuracy
 from pal_rm.trainers import choose_num_prototypes
@@ -191,7 +191,7 @@ def main(argv=None):
             dataset = load_persona_preferences(
                 args.data_dir, mixture_users=setting.endswith("mixture"), seed=args.seed, **data_kwargs
             )
-            dataset = featurize_preferences(dataset, encoder, tokenizer, cache=EmbeddingCache(args.cache_dir))
+            dataset = featurize_preferences(dataset, encoder, tokenizer, cache=FeatureStore(args.cache_dir))
             dim = len(dataset["train"][0]["chosen_features"])
 
             def make_model(k, dim=dim):

@@ -40,7 +40,7 @@ from _common import (
 from transformers import AutoTokenizer, set_seed
 
 from pal_rm import PalRewardModel
-from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.cache import FeatureStore, featurize_preferences
 from pal_rm.data import available_personas, load_persona_preferences
 from pal_rm.utils import MINILM, resolve_model_path
 
@@ -188,7 +188,7 @@ def main(argv=None):
     backbone = resolve_model_path(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     encoder = PalRewardModel.from_backbone(backbone, variant="b", num_prototypes=1).eval()
-    cache = EmbeddingCache(args.cache_dir)
+    cache = FeatureStore(args.cache_dir)
     results = {
         "machine": machine(),
         "command": "python examples/benchmarks/persona.py" + (" --smoke" if args.smoke else ""),

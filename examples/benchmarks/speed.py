@@ -151,7 +151,9 @@ def part_adapt(args, tokenizer) -> dict:
             for p, c, r in zip(new_users["prompt"], new_users["chosen"], new_users["rejected"])
             for text in (*format_preference_texts(tokenizer, p, c), format_preference_texts(tokenizer, p, r)[1])
         ]
-        trainer.embedding_cache.encode(model, tokenizer, texts)  # their new texts, so the fits below are timed alone
+        # Their new texts, into the trainer's store (training set the backbone's EOS id, so its fingerprint is pinned),
+        # so that the fits below are timed alone.
+        trainer.embedding_cache.encode(model, tokenizer, texts, fingerprint=trainer.embedding_cache.fingerprint)
         result = {
             "users": len(set(new_users["user_id"])),
             "comparisons": len(new_users),

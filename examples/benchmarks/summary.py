@@ -40,7 +40,7 @@ from _common import (
 from transformers import AutoTokenizer, set_seed
 
 from pal_rm import PalRewardModel
-from pal_rm.cache import EmbeddingCache, featurize_preferences
+from pal_rm.cache import FeatureStore, featurize_preferences
 from pal_rm.data import load_summary_preferences
 from pal_rm.utils import MINILM, resolve_model_path
 
@@ -83,7 +83,7 @@ def main(argv=None):
     backbone = resolve_model_path(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     encoder = PalRewardModel.from_backbone(backbone, variant="b", num_prototypes=1).eval()
-    features = featurize_preferences(dataset, encoder, tokenizer, cache=EmbeddingCache(args.cache_dir))
+    features = featurize_preferences(dataset, encoder, tokenizer, cache=FeatureStore(args.cache_dir))
     feature_dim = encoder.config.hidden_size
     head_kwargs = {"preference_dim": args.preference_dim}
     shots = (args.unseen_shots,)
