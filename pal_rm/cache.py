@@ -456,7 +456,9 @@ class FeatureStore:
             own += [own[-1] if own else texts[0]] * (len(shards[0]) - len(own))
         error, local = None, None
         try:
-            local = model.encode_texts(tokenizer, own, show_progress=show_progress and state.is_main_process, **encode)
+            # In lockstep the padding repeats a text, and every repeat must go through the backbone.
+            show = show_progress and state.is_main_process
+            local = model.encode_texts(tokenizer, own, show_progress=show, deduplicate=not lockstep, **encode)
             self.num_encoded += len(own)
             local = self._checked(local[: len(shards[rank])])
         except Exception as exception:  # every process must learn of it, or the others wait forever below

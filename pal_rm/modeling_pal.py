@@ -2657,12 +2657,14 @@ class PalRewardModel(PalPreTrainedModel):
         batch_size: int = 32,
         max_length: int | None = None,
         show_progress: bool = False,
+        deduplicate: bool = True,
     ) -> torch.Tensor:
         """
         Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU ([`PalTextScorer.encode`]:
-        batched by length, truncated from the left).
+        batched by length, truncated from the left, each distinct text encoded once unless `deduplicate=False`).
         """
-        return self.text_scorer(tokenizer, max_length, batch_size).encode(texts, show_progress=show_progress)
+        scorer = self.text_scorer(tokenizer, max_length, batch_size)
+        return scorer.encode(texts, show_progress=show_progress, deduplicate=deduplicate)
 
     def score_texts(
         self,
@@ -2759,14 +2761,15 @@ class PalTextScorer:
         return tokenize_texts(self.tokenizer, texts, self.model.config.sequence_framing, self.max_length)
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+    def encode(self, texts: Sequence[str], show_progress: bool = False, deduplicate: bool = True) -> torch.Tensor:
         """
         Pooled backbone features `(len(texts), hidden_size)` of texts, in float32 on the CPU: each distinct text is
-        encoded once, in batches of texts of similar length.
+        encoded once, in batches of texts of similar length. `deduplicate=False` encodes every text given (processes
+        that must make the same number of backbone calls, as under FSDP, pad their share with repeats).
         """
         model, tokenizer = self.model, self.tokenizer
         texts = list(texts)
-        distinct = list(dict.fromkeys(texts))
+        distinct = list(dict.fromkeys(texts)) if deduplicate else texts
         if len(distinct) < len(texts):
             position = {text: i for i, text in enumerate(distinct)}
             return self.encode(distinct, show_progress=show_progress)[[position[text] for text in texts]]

@@ -97,9 +97,9 @@ def run(
         "distributed_type": str(state.distributed_type),
         "encoded": list(encoded),  # a copy: the collective checks below encode more
         "num_encoded": trainer.embedding_cache.num_encoded,
-        "feature_rows": len(trainer._feature_table),
-        "feature_bytes": trainer._feature_table.nbytes,
-        "feature_dtype": str(trainer._feature_table.table.dtype),
+        "feature_rows": len(trainer.feature_store),
+        "feature_bytes": trainer.feature_store.nbytes,
+        "feature_dtype": str(trainer.feature_store.table.dtype),
         "cache_writes": len(writes),
         "user_ids": list(model.config.user_ids),
         "user_table": model.user_weights.weight.detach().cpu().tolist(),
@@ -118,7 +118,7 @@ def run(
         result["reread_encoded"] = again.num_encoded
         result["reread_rows"] = len(again)
         result["reread_matches"] = bool(
-            torch.equal(again.table[rows], trainer._feature_table.table[trainer._feature_table.rows([texts[0]])])
+            torch.equal(again.table[rows], trainer.feature_store.table[trainer.feature_store.rows([texts[0]])])
         )
     # Saved after adapt_users, through the engine (ZeRO-3 consolidates its partitions), the model reloads whole.
     saved = os.path.join(output_dir, "saved")

@@ -183,7 +183,7 @@ def test_features_are_held_once(tmp_path, word_tokenizer):
     args = PalRewardConfig(str(tmp_path / "out"), use_cpu=True, disable_tqdm=True, feature_dtype="float16")
     trainer = PalRewardTrainer(model, args, train_dataset=data, processing_class=word_tokenizer)
     held = trainer.embedding_cache
-    assert trainer.data_collator.features is trainer._feature_table is held and len(held) == 3
+    assert trainer.data_collator.features is trainer.feature_store is held and len(held) == 3
     assert held.table.untyped_storage().nbytes() == held.nbytes == 3 * 32 * 2
     batch = trainer.data_collator([trainer.train_dataset[0]])
     assert torch.equal(batch["item_features"], held.table[:2].float())

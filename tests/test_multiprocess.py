@@ -223,7 +223,7 @@ def test_trainer_holds_features_once_and_shares_them_with_its_cache(tmp_path):
     )
     model = tiny_model(vocab_size=len(tokenizer), variant="b")
     trainer = PalRewardTrainer(model, args, train_dataset=texts_dataset(), processing_class=tokenizer)
-    table = trainer._feature_table
+    table = trainer.feature_store
     assert len(table) == 24  # 8 prompts and 16 prompt + response texts, once each
     assert table is trainer.embedding_cache and table.fingerprint == trainer._backbone_fingerprint  # one store
     assert trainer.data_collator.features is table
@@ -237,7 +237,7 @@ def test_trainer_holds_features_once_and_shares_them_with_its_cache(tmp_path):
         processing_class=tokenizer,
         embedding_cache=trainer.embedding_cache,
     )
-    assert second._feature_table is table and trainer.embedding_cache.num_encoded == 24
+    assert second.feature_store is table and trainer.embedding_cache.num_encoded == 24
     trainer.train()
     trainer.evaluate(texts_dataset())  # training changed the backbone's config (token ids), not its table
     assert trainer.embedding_cache.fingerprint == trainer._backbone_fingerprint and len(table) == 24
@@ -260,7 +260,7 @@ def test_feature_dtype_float16_trains_on_half_the_memory(tmp_path):
         model = tiny_model(vocab_size=len(tokenizer), variant="b")
         trainer = PalRewardTrainer(model, args, train_dataset=texts_dataset(), processing_class=tokenizer)
         trainer.train()
-        tables[dtype] = trainer._feature_table
+        tables[dtype] = trainer.feature_store
     assert tables["float16"].table.dtype == torch.float16
     assert tables["float16"].nbytes * 2 == tables["float32"].nbytes
     torch.testing.assert_close(tables["float16"].table.float(), tables["float32"].table, atol=2e-3, rtol=1e-3)

@@ -389,7 +389,7 @@ def test_conversational_data_and_norm_bound(tmp_path, word_tokenizer):
     model = tiny_model(vocab_size=len(word_tokenizer), variant="b")
     args = make_args(tmp_path, norm_bound=0.01, norm_bound_coefficient=10.0, max_steps=3)
     trainer = PalRewardTrainer(model, args, train_dataset=data, processing_class=word_tokenizer)
-    assert len(trainer._feature_table) == 3  # one prompt and two conversations, each encoded once
+    assert len(trainer.feature_store) == 3  # one prompt and two conversations, each encoded once
     inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
         bounded = trainer.compute_loss(model, dict(inputs))

@@ -31,7 +31,7 @@ from pal_rm.cache import FeatureStore, backbone_fingerprint, distributed_state, 
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
-from pal_rm.modeling_pal import PalRewardModel, default_max_length, format_preference_texts, tokenize_texts
+from pal_rm.modeling_pal import PalRewardModel, format_preference_texts
 
 from .pal_reward_config import PalRewardConfig
 from .sparse_user_table import SparseUserTableAdam
@@ -238,7 +238,7 @@ class PalRewardTrainer(RewardTrainer):
         if embedding_cache is None:
             embedding_cache = FeatureStore(args.embedding_cache_dir, dtype=args.feature_dtype)
         self.embedding_cache = embedding_cache
-        self._feature_table = self._new_feature_table(model, processing_class, args)
+        self.feature_store = self._new_feature_store(model, processing_class, args)
         self.per_user_accuracy: dict[str, dict[str, float]] = {}
         self._current_eval_prefix = "eval"
         self._eval_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
@@ -253,7 +253,7 @@ class PalRewardTrainer(RewardTrainer):
         if data_collator is None:
             data_collator = DataCollatorForPersonalizedPreference(
                 pad_token_id=processing_class.pad_token_id if processing_class is not None else 0,
-                features=self._feature_table,
+                features=self.feature_store,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
 
@@ -411,7 +411,7 @@ class PalRewardTrainer(RewardTrainer):
             output["margin"] = margin.tolist()
 
         if "chosen_features" in columns and "rejected_features" in columns:
-            table = self._feature_table
+            table = self.feature_store
             chosen = _check_finite(
                 _column_tensor(dataset, "chosen_features", torch.float32), "chosen_features", dataset_name
             )
@@ -433,7 +433,7 @@ class PalRewardTrainer(RewardTrainer):
             output["rejected_index"] = table.append(rejected)
             if prompt is not None:
                 output["prompt_index"] = table.append(prompt)
-            elif model.config.variant == "b":
+            elif model.needs_prompt:
                 raise ValueError(f"The {dataset_name} dataset has no `prompt_features`, which PAL-B needs.")
             else:
                 output["prompt_index"] = [-1] * len(dataset)
@@ -447,7 +447,7 @@ class PalRewardTrainer(RewardTrainer):
         prompts, items_chosen, items_rejected = self._format_texts(
             dataset, processing_class, dataset_name, args.dataset_num_proc
         )
-        use_prompts = model.config.variant == "b"
+        use_prompts = model.needs_prompt
 
         if not args.train_backbone:
             texts = items_chosen + items_rejected + (prompts if use_prompts else [])
@@ -458,16 +458,13 @@ class PalRewardTrainer(RewardTrainer):
             output["prompt_index"] = rows[2 * num_rows :] if use_prompts else [-1] * num_rows
             return Dataset.from_dict(output)
 
-        max_length = args.max_length or default_max_length(processing_class, model.config)
-        framing = model.config.sequence_framing
-        output["chosen_ids"] = tokenize_texts(processing_class, items_chosen, framing, max_length)
-        output["rejected_ids"] = tokenize_texts(processing_class, items_rejected, framing, max_length)
-        output["prompt_ids"] = (
-            tokenize_texts(processing_class, prompts, framing, max_length) if use_prompts else [[] for _ in prompts]
-        )
+        scorer = model.text_scorer(processing_class, max_length=args.max_length)
+        output["chosen_ids"] = scorer.tokenize(items_chosen)
+        output["rejected_ids"] = scorer.tokenize(items_rejected)
+        output["prompt_ids"] = scorer.tokenize(prompts) if use_prompts else [[] for _ in prompts]
         return Dataset.from_dict(output)
 
-    def _new_feature_table(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureStore:
+    def _new_feature_store(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureStore:
         """
         The store the collator reads features from. With a frozen backbone it is the embedding cache itself (the
         [`~pal_rm.cache.FeatureStore`] of that backbone), so every feature is held once per process (and shared with
@@ -494,7 +491,7 @@ class PalRewardTrainer(RewardTrainer):
         """
         model = self._pal_model
         sharded = self._backbone_is_sharded()
-        move = not sharded and bool(self._feature_table.missing(texts))
+        move = not sharded and bool(self.feature_store.missing(texts))
         device = model.item_head.layers[-1].weight.device
         if move:
             model.to(args.device)
@@ -1176,29 +1173,24 @@ class PalRewardTrainer(RewardTrainer):
             prompts, chosen, rejected = self._format_texts(
                 dataset, self.processing_class, "adaptation", args.dataset_num_proc
             )
-            texts = list(dict.fromkeys(chosen + rejected + (prompts if model.config.variant == "b" else [])))
-            table = model.encode_texts(
-                self.processing_class,
-                texts,
-                batch_size=args.encode_batch_size,
-                max_length=args.max_length,
-                show_progress=not args.disable_tqdm,
+            scorer = model.text_scorer(self.processing_class, args.max_length, args.encode_batch_size)
+            n = len(chosen)
+            table = scorer.encode(
+                chosen + rejected + (prompts if model.needs_prompt else []), show_progress=not args.disable_tqdm
             )
-            index = {text: i for i, text in enumerate(texts)}
-            lookup = lambda values: table[torch.tensor([index[v] for v in values], dtype=torch.long)]  # noqa: E731
-            features = {"chosen": lookup(chosen), "rejected": lookup(rejected), "users": user_index[keep].cpu()}
-            features["prompt"] = lookup(prompts) if model.config.variant == "b" else None
+            features = {"chosen": table[:n], "rejected": table[n : 2 * n], "users": user_index[keep].cpu()}
+            features["prompt"] = table[2 * n :] if model.needs_prompt else None
             processed = dataset
         else:
             processed = self._prepare_dataset(dataset, self.processing_class, args, "adaptation")
             users = _column_tensor(processed, "user_index", torch.long)
             keep = (users >= first_row).nonzero().flatten()
-            table = self._feature_table.table
+            table = self.feature_store.table
             features = {
                 "chosen": table[_column_tensor(processed, "chosen_index", torch.long)[keep]].float(),
                 "rejected": table[_column_tensor(processed, "rejected_index", torch.long)[keep]].float(),
                 "prompt": table[_column_tensor(processed, "prompt_index", torch.long)[keep]].float()
-                if model.config.variant == "b"
+                if model.needs_prompt
                 else None,
                 "users": users[keep],
             }

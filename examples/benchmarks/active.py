@@ -44,7 +44,7 @@ from pal_rm.utils import MINILM, resolve_model_path
 
 
 def pair_embeddings(model, split):
-    prompts = torch.tensor(split["prompt_features"]) if model.config.variant == "b" else None
+    prompts = torch.tensor(split["prompt_features"]) if model.needs_prompt else None
     pairs = embed_pairs(
         model, torch.tensor(split["chosen_features"]), torch.tensor(split["rejected_features"]), prompts
     )

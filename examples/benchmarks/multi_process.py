@@ -78,7 +78,7 @@ def worker(args) -> None:
         cpu_seconds = time.process_time() - start_cpu
         state.wait_for_everyone()
         seconds = time.perf_counter() - start
-    table = trainer._feature_table
+    table = trainer.feature_store
     process = {
         "texts_encoded": trainer.embedding_cache.num_encoded,
         "cpu_seconds": cpu_seconds,
