@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
+from .modeling_pal import image_key
 from .utils import atomic_write
 
 logger = logging.get_logger(__name__)
@@ -80,6 +81,20 @@ def backbone_fingerprint(model, tokenizer, max_length: int | None = None) -> str
     return backbone_hash(model, max_length or default_max_length(tokenizer, model.config))
 
 
+def image_backbone_fingerprint(model, processor, max_length: int | None = None) -> str:
+    """
+    The fingerprint of an image model's backbone (a two-tower image-text backbone such as CLIP) read with `processor`:
+    [`backbone_fingerprint`] of its text side (`processor.tokenizer`) combined with the image processor's settings
+    (size, crop, normalisation), which change the image features as much as the weights do. It names a
+    [`FeatureStore`] of image and caption features.
+    """
+    image_processor = processor.image_processor.to_dict()
+    image_processor.pop("processor_class", None)
+    digest = hashlib.sha256(backbone_fingerprint(model, processor.tokenizer, max_length).encode())
+    digest.update(json.dumps(image_processor, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 class FeatureStore:
     """
     Pooled backbone features of texts, each held once and computed once: one `(num_rows, hidden_size)` tensor
@@ -97,6 +112,8 @@ class FeatureStore:
     Looking up never adds: [`rows`] raises for texts without a row, [`missing`] lists them. Rows are added explicitly,
     by [`add`] (features of texts, each text once), [`append`] (rows without a text: pooled-feature columns, never
     written to disk) or [`encode_rows`] / [`encode`] (which put the texts without a row through `model.encode_texts`).
+    An image model's store also holds images, keyed by their pixels ([`~pal_rm.modeling_pal.image_key`]), added by
+    [`encode_image_rows`] (the captions of its prompts go through [`encode_rows`] as texts).
 
     Under several processes (`accelerate launch`, `torchrun`), pass `distributed=True` to [`encode_rows`] /
     [`encode`] from every process with the same texts: the texts that the store lacks are split across the processes
@@ -278,21 +295,66 @@ class FeatureStore:
         model.register_tokenizer(tokenizer)
         max_length = max_length or default_max_length(tokenizer, model.config)
         self._bind(fingerprint or backbone_hash(model, max_length))
+
+        def encode(new_texts, show_progress, deduplicate=True):
+            return model.encode_texts(
+                tokenizer,
+                new_texts,
+                batch_size=batch_size,
+                max_length=max_length,
+                show_progress=show_progress,
+                deduplicate=deduplicate,
+            )
+
         keys = [text_key(text) for text in texts]
+        return self._encode_keyed(keys, texts, encode, len, show_progress, distributed, lockstep)
+
+    def encode_image_rows(
+        self,
+        model,
+        processor,
+        images: Sequence,
+        batch_size: int = 64,
+        show_progress: bool = True,
+        distributed: bool = False,
+        lockstep: bool = False,
+        fingerprint: str | None = None,
+        convert_to_rgb: bool = False,
+    ) -> list[int]:
+        """
+        The image counterpart of [`encode_rows`] for an image model (a two-tower image-text backbone): adds the image
+        embeddings of the images without a row (keyed by their pixels, so the same image from two files is encoded
+        once), writes the store's file, and returns the row of every image. Images are decoded and checked first
+        ([`~pal_rm.modeling_pal.load_image`]: RGB only unless `convert_to_rgb=True`). `fingerprint` defaults to
+        [`image_backbone_fingerprint`]; the other arguments are those of [`encode_rows`].
+        """
+        scorer = model.image_scorer(processor, batch_size=batch_size, convert_to_rgb=convert_to_rgb)
+        self._bind(fingerprint or image_backbone_fingerprint(model, processor))
+        images = scorer.load_images(images)
+        keys = [image_key(image) for image in images]
+        return self._encode_keyed(
+            keys, images, scorer.encode, lambda image: image.width * image.height, show_progress, distributed, lockstep
+        )
+
+    def _encode_keyed(self, keys, items, encode, size, show_progress, distributed, lockstep) -> list[int]:
+        """
+        Adds the features of the `items` whose key has no row (`encode(items, show_progress=, deduplicate=)`, each such
+        item once; split across processes with `distributed`, ordered by `size`), writes the file, and returns the
+        row of every item.
+        """
         missing = [key for key in dict.fromkeys(keys) if key not in self._rows]
         state = distributed_state() if distributed else None
         if state is not None:
             _check_same_keys(missing)
         if missing:
-            by_key = dict(zip(keys, texts))
-            new_texts = [by_key[key] for key in missing]
-            encode = {"batch_size": batch_size, "max_length": max_length}
+            by_key = dict(zip(keys, items))
+            new_items = [by_key[key] for key in missing]
             if state is None:
-                features = model.encode_texts(tokenizer, new_texts, show_progress=show_progress, **encode)
-                self.num_encoded += len(new_texts)
+                features = encode(new_items, show_progress=show_progress)
+                self.num_encoded += len(new_items)
                 self._add_keyed(missing, features)
             else:
-                self._encode_sharded(model, tokenizer, new_texts, missing, state, show_progress, lockstep, encode)
+                self._encode_sharded(encode, size, new_items, missing, state, show_progress, lockstep)
             if state is None or state.is_main_process:
                 self.save()
             if state is not None:
@@ -446,19 +508,19 @@ class FeatureStore:
             return keys, self.table
         return keys, self.table[torch.tensor(list(self._rows.values()), dtype=torch.long)]
 
-    def _encode_sharded(self, model, tokenizer, texts, keys, state, show_progress, lockstep, encode) -> None:
-        """Each process encodes every `num_processes`-th text by length; the features are gathered into new rows."""
+    def _encode_sharded(self, encode, size, items, keys, state, show_progress, lockstep) -> None:
+        """Each process encodes every `num_processes`-th item by size; the features are gathered into new rows."""
         world, rank = state.num_processes, state.process_index
-        order = sorted(range(len(texts)), key=lambda index: len(texts[index]))  # the same on every process
+        order = sorted(range(len(items)), key=lambda index: size(items[index]))  # the same on every process
         shards = [order[process::world] for process in range(world)]
-        own = [texts[index] for index in shards[rank]]
-        if lockstep:  # the same number of texts, hence of batches, on every process
-            own += [own[-1] if own else texts[0]] * (len(shards[0]) - len(own))
+        own = [items[index] for index in shards[rank]]
+        if lockstep:  # the same number of items, hence of batches, on every process
+            own += [own[-1] if own else items[0]] * (len(shards[0]) - len(own))
         error, local = None, None
         try:
-            # In lockstep the padding repeats a text, and every repeat must go through the backbone.
+            # In lockstep the padding repeats an item, and every repeat must go through the backbone.
             show = show_progress and state.is_main_process
-            local = model.encode_texts(tokenizer, own, show_progress=show, deduplicate=not lockstep, **encode)
+            local = encode(own, show_progress=show, deduplicate=not lockstep)
             self.num_encoded += len(own)
             local = self._checked(local[: len(shards[rank])])
         except Exception as exception:  # every process must learn of it, or the others wait forever below
@@ -469,9 +531,9 @@ class FeatureStore:
         for process, failure in enumerate(failures):
             if failure is not None:
                 raise RuntimeError(f"Encoding the texts failed on process {process}: {failure}")
-        hidden_size = local.shape[1] if local.dim() == 2 else model.config.hidden_size
+        hidden_size = local.shape[1]
         start = len(self)
-        _all_gather_rows(local, self._grow(len(texts), hidden_size), shards, state)
+        _all_gather_rows(local, self._grow(len(items), hidden_size), shards, state)
         self._register(keys, start)
 
 

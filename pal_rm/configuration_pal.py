@@ -7,7 +7,13 @@ transformers API.
 
 from collections import Counter
 
-from transformers import CONFIG_MAPPING, MODEL_FOR_MASKED_LM_MAPPING, AutoConfig, PretrainedConfig
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_FOR_MASKED_LM_MAPPING,
+    MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING,
+    AutoConfig,
+    PretrainedConfig,
+)
 from transformers.activations import ACT2FN
 from transformers.utils import logging
 
@@ -17,14 +23,37 @@ logger = logging.get_logger(__name__)
 # `modeling_pal.SIMILARITY_CLASSES`, which register their classes here (`register_prototypes`, `register_similarity`).
 VARIANTS = ["a", "b"]
 SIMILARITIES = ["neg_sq_l2", "neg_l2", "cosine", "dot"]
-POOLINGS = ("last", "mean", "cls")
+POOLINGS = ("last", "mean", "cls", "projection")
 # transformers' activations (`ACT2FN`), and "identity" (transformers' "linear").
 ACTIVATIONS = ("identity", *ACT2FN)
 BACKBONE_WEIGHTS = ("included", "reference")
 
 
+def is_image_text_backbone(backbone_config) -> bool:
+    """
+    Whether `backbone_config` is a two-tower image-text model (CLIP, SigLIP, ALIGN, ...: transformers' zero-shot image
+    classification models, with `get_image_features` and `get_text_features`). PAL's items are then images and its
+    prompts captions.
+    """
+    return backbone_config is not None and type(backbone_config) in MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING
+
+
+def image_text_widths(backbone_config) -> tuple[int, int]:
+    """`(image width, text width)` of a two-tower backbone's embeddings: its `projection_dim` (CLIP), else the vision
+    tower's hidden size and the text tower's `projection_size` or hidden size (SigLIP)."""
+    projection = getattr(backbone_config, "projection_dim", None)
+    if projection is not None:
+        return projection, projection
+    text = backbone_config.get_text_config()
+    image = backbone_config.vision_config.hidden_size
+    return image, getattr(text, "projection_size", None) or text.hidden_size
+
+
 def _default_pooling(backbone_config) -> str:
-    """`mean` for bidirectional encoders (BERT-like), `last` non-pad token for everything else (decoders)."""
+    """`projection` for two-tower image-text backbones, `mean` for bidirectional encoders (BERT-like), `last` non-pad
+    token for everything else (decoders)."""
+    if is_image_text_backbone(backbone_config):
+        return "projection"
     if getattr(backbone_config, "is_decoder", False):
         return "last"
     return "mean" if type(backbone_config) in MODEL_FOR_MASKED_LM_MAPPING else "last"
@@ -96,7 +125,9 @@ class PalConfig(PretrainedConfig):
             `"cosine"` (s * cos(f(x), a) with a learnable logit scale s) or `"dot"` (<f(x), a>).
         pooling (`str`, *optional*):
             How token states become one vector: `"last"` non-pad token, `"mean"` over tokens or `"cls"` (first token).
-            Defaults to `"mean"` for bidirectional encoders and `"last"` otherwise.
+            Defaults to `"mean"` for bidirectional encoders and `"last"` otherwise. A two-tower image-text backbone
+            (CLIP, SigLIP) has its own pooled embeddings (`get_image_features` of the item image, `get_text_features` of
+            the prompt caption): its pooling is `"projection"`, the only one it takes.
         mixture_temperature (`float`, *optional*, defaults to 1.0):
             Temperature tau of the softmax that maps a user's logits to mixture weights.
         logit_scale_init (`float`, *optional*, defaults to `1 / 0.07`):
@@ -228,6 +259,18 @@ class PalConfig(PretrainedConfig):
 
         if backbone_config is not None:
             hidden_size = getattr(backbone_config, "hidden_size", None)
+            if is_image_text_backbone(backbone_config):
+                hidden_size = image_text_widths(backbone_config)[0]
+                if pooling not in (None, "projection"):
+                    raise ValueError(
+                        f"`pooling={pooling!r}` does not apply to a two-tower image-text backbone "
+                        f"({backbone_config.model_type}): it pools with its own projections (`pooling='projection'`)."
+                    )
+            elif pooling == "projection":
+                raise ValueError(
+                    "`pooling='projection'` is for two-tower image-text backbones (CLIP, SigLIP); "
+                    f"{backbone_config.model_type} takes 'last', 'mean' or 'cls'."
+                )
             if feature_dim is not None and hidden_size is not None and feature_dim != hidden_size:
                 raise ValueError(
                     f"`feature_dim={feature_dim}` disagrees with the backbone's hidden_size={hidden_size}. Leave "
@@ -322,9 +365,16 @@ class PalConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     @property
+    def item_modality(self) -> str:
+        """`"image"` for a two-tower image-text backbone (items are images, prompts are captions), else `"text"`."""
+        return "image" if is_image_text_backbone(self.backbone_config) else "text"
+
+    @property
     def hidden_size(self) -> int:
-        """Width H of the pooled features (the backbone's hidden size)."""
+        """Width H of the pooled features (the backbone's hidden size; an image-text backbone's image embedding)."""
         if self.backbone_config is not None:
+            if is_image_text_backbone(self.backbone_config):
+                return image_text_widths(self.backbone_config)[0]
             return self.backbone_config.hidden_size
         return self.feature_dim
 
@@ -333,8 +383,11 @@ class PalConfig(PretrainedConfig):
         return len(self.user_ids)
 
     def get_text_config(self, *args, **kwargs):
-        """The backbone's config, so that TRL and transformers set `pad_token_id` and friends where they are read."""
+        """The backbone's config (an image-text backbone's text config), so that TRL and transformers set
+        `pad_token_id` and friends where they are read."""
         if self.backbone_config is not None:
+            if is_image_text_backbone(self.backbone_config):
+                return self.backbone_config.get_text_config(*args, **kwargs)
             return self.backbone_config
         return self
 

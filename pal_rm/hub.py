@@ -124,6 +124,63 @@ def _adapter_text(adapter: dict) -> str:
     return f"a {adapter.get('peft_type', 'PEFT')} adapter ({rank}target modules {targets})"
 
 
+def _text_usage(config, load_path: str) -> str:
+    """The usage section of a text model's card: `score_texts` with the saved tokenizer."""
+    salt_line = (
+        "model.set_user_id_salt(salt)  # the registry holds salted hashes: the uploader's salt maps raw ids to them\n"
+        if config.hashed_user_ids
+        else ""
+    )
+    return f"""```python
+from transformers import AutoModel, AutoTokenizer
+
+model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)  # or `import pal_rm` first
+tokenizer = AutoTokenizer.from_pretrained("{load_path}")
+
+prompts = ["Write a note to the team about the offsite."] * 2
+responses = ["Dear team, the offsite is on Friday.", "hey all! offsite friday, woohoo!"]
+{salt_line}model.score_texts(tokenizer, prompts, responses, users="{USER_ID_PLACEHOLDER}")   # for one registered user
+model.score_texts(tokenizer, prompts, responses)                            # population reward (no user)
+model.score_texts(tokenizer, prompts, responses, mixture_weights=[1.0] + [0.0] * {config.num_prototypes - 1})  # prototype 0
+```
+
+Fit a new user from a few of their comparisons (everything else stays frozen):
+
+```python
+from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+
+trainer = PalRewardTrainer(model, PalRewardConfig("out"), train_dataset=seen_users_data, processing_class=tokenizer)
+trainer.adapt_users(new_user_comparisons)   # columns: user_id, prompt, chosen, rejected
+model.user_confidence("<new user id>")      # comparisons seen, mixture, posterior spread
+```"""
+
+
+def _image_usage(config, load_path: str) -> str:
+    """The usage section of an image model's card: `score_images` with the backbone's processor."""
+    salt = "model.set_user_id_salt(salt)  # the registry holds salted hashes\n" if config.hashed_user_ids else ""
+    return f"""```python
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)  # or `import pal_rm` first
+processor = AutoProcessor.from_pretrained("{load_path}")
+
+captions = ["a lighthouse at dusk"] * 2
+images = [Image.open("first.png").convert("RGB"), Image.open("second.png").convert("RGB")]
+{salt}model.score_images(processor, captions, images, users="{USER_ID_PLACEHOLDER}")   # for one registered user
+model.score_images(processor, captions, images)                            # population reward (no user)
+```
+
+Fit a new user from a few of their comparisons (everything else stays frozen):
+
+```python
+from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
+
+trainer = PalRewardTrainer(model, PalRewardConfig("out"), train_dataset=seen_users_data, processing_class=processor)
+trainer.adapt_users(new_user_comparisons)   # columns: user_id, prompt, chosen_image, rejected_image
+```"""
+
+
 def _backbone_weights_text(layout: dict) -> str:
     """One sentence on where the backbone weights of a checkpoint are."""
     reference = layout["reference"]
@@ -184,13 +241,13 @@ def create_model_card(
         if backbone is not None
         else f"none: the model scores pooled features of width {config.hidden_size}"
     )
-    backbone_weights_row = f"| backbone weights | {_backbone_weights_text(layout)} |\n" if layout else ""
+    images = config.item_modality == "image"
+    if images:
+        backbone_text += "; items are images (image tower), prompts are captions (text tower)"
+    pipeline_line = "" if images else "pipeline_tag: text-classification\n"
     load_path = repo_id or "path/to/this/checkpoint"
-    salt_line = (
-        "model.set_user_id_salt(salt)  # the registry holds salted hashes: the uploader's salt maps raw ids to them\n"
-        if config.hashed_user_ids
-        else ""
-    )
+    usage = _image_usage(config, load_path) if images else _text_usage(config, load_path)
+    backbone_weights_row = f"| backbone weights | {_backbone_weights_text(layout)} |\n" if layout else ""
     variant_text = _part_description(model.prototype_head, f"variant {config.variant!r}")
     similarity_text = _part_description(
         model.similarity, f"the {config.similarity!r} similarity to the user's ideal point"
@@ -204,8 +261,7 @@ license: {license}
 - personalized-reward-model
 - pal-rm
 - trl
-{adapter_tags}pipeline_tag: text-classification
----
+{adapter_tags}{pipeline_line}---
 
 # PAL personalized reward model
 
@@ -229,28 +285,7 @@ K numbers, and a new user is fitted from a few comparisons.
 {_format_results(eval_results)}
 ## Usage
 
-```python
-from transformers import AutoModel, AutoTokenizer
-
-model = AutoModel.from_pretrained("{load_path}", trust_remote_code=True)  # or `import pal_rm` first
-tokenizer = AutoTokenizer.from_pretrained("{load_path}")
-
-prompts = ["Write a note to the team about the offsite."] * 2
-responses = ["Dear team, the offsite is on Friday.", "hey all! offsite friday, woohoo!"]
-{salt_line}model.score_texts(tokenizer, prompts, responses, users="{USER_ID_PLACEHOLDER}")   # for one registered user
-model.score_texts(tokenizer, prompts, responses)                            # population reward (no user)
-model.score_texts(tokenizer, prompts, responses, mixture_weights=[1.0] + [0.0] * {config.num_prototypes - 1})  # prototype 0
-```
-
-Fit a new user from a few of their comparisons (everything else stays frozen):
-
-```python
-from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
-
-trainer = PalRewardTrainer(model, PalRewardConfig("out"), train_dataset=seen_users_data, processing_class=tokenizer)
-trainer.adapt_users(new_user_comparisons)   # columns: user_id, prompt, chosen, rejected
-model.user_confidence("<new user id>")      # comparisons seen, mixture, posterior spread
-```
+{usage}
 
 {_adaptation_prior_text(config.adaptation_prior)}
 

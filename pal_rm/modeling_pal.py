@@ -30,10 +30,15 @@ from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
-from .configuration_pal import SIMILARITIES, VARIANTS, PalConfig
+from .configuration_pal import SIMILARITIES, VARIANTS, PalConfig, image_text_widths
 
 logger = logging.get_logger(__name__)
 
+IMAGE_MODEL_TAKES_IMAGES = (
+    "This PAL model scores images (its backbone is a two-tower image-text model): pass the images as `pixel_values` "
+    "(from the backbone's image processor) or `item_features`, and the captions as `prompt_input_ids`; score with "
+    "`model.score_images(processor, prompts, images)` and train on `chosen_image` / `rejected_image` columns."
+)
 PAL_B_NEEDS_PROMPT = (
     "This is a PAL-B model: its ideal points depend on the prompt, so it needs the prompt apart from the response. "
     "Single-sequence entry points (`pipeline('text-classification')`, `forward(input_ids=...)` without prompt inputs, "
@@ -343,6 +348,12 @@ class PalCosineSimilarity(PalSimilarity):
     def forward(self, item_embeddings: torch.Tensor, ideal_points: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.exp().clamp(max=self.logit_scale_max)
         return scale * nn.functional.cosine_similarity(item_embeddings, ideal_points, dim=-1, eps=1e-8)
+
+
+def _pooled(output) -> torch.Tensor:
+    """The embeddings a two-tower model's `get_image_features` / `get_text_features` return: a tensor, or (recent
+    transformers) an output whose `pooler_output` holds them."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -1107,6 +1118,15 @@ class PalRewardModel(PalPreTrainedModel):
                 "new one with `pal_rm.modeling_pal.register_similarity` before building the model."
             )
         self.similarity = SIMILARITY_CLASSES[config.similarity](config)
+        if config.item_modality == "image" and self.needs_prompt:
+            image_width, text_width = image_text_widths(config.backbone_config)
+            if image_width != text_width:
+                raise ValueError(
+                    f"PAL-{config.variant.upper()} maps caption features to prototypes in the image features' space, but "
+                    f"this {config.backbone_config.model_type} backbone embeds images in {image_width} and texts in "
+                    f"{text_width} dimensions. Use a backbone whose towers share a width, or a variant whose ideal "
+                    "points do not depend on the prompt (`variant='a'`)."
+                )
         # Checkpoints saved before PAL's parts were modules (see `LEGACY_KEY_MAPPING`) load through `load_state_dict`.
         self._register_load_state_dict_pre_hook(_rename_legacy_keys_hook)
         # What single-sequence entry points score for when no user is given (see `set_default_mixture`).
@@ -1215,14 +1235,26 @@ class PalRewardModel(PalPreTrainedModel):
 
     def _place_pal_parts(self) -> None:
         """Puts PAL's own parts (heads, prototypes, users, similarity) in float32 on the backbone's input device."""
-        device = self.backbone.get_input_embeddings().weight.device
+        device = self._backbone_input_device()
         if device.type == "meta":
             return
         for name, module in self.named_children():
             if name != "backbone":
                 module.to(device=device, dtype=torch.float32)  # casts floating tensors only: user rows stay integers
 
+    def _backbone_input_device(self) -> torch.device:
+        """The device of the backbone's input embeddings (of its text tower, for a two-tower image-text backbone)."""
+        if self.is_image_model:  # no single input embedding: PAL's parts go with the first weights
+            return next(self.backbone.parameters()).device
+        return self.backbone.get_input_embeddings().weight.device
+
     # ------------------------------------------------------------------ the parts, by their usual names
+    @property
+    def is_image_model(self) -> bool:
+        """Whether the items are images (a two-tower image-text backbone such as CLIP or SigLIP; the prompt is the
+        caption): score them with [`score_images`], give the trainer `chosen_image` / `rejected_image` columns."""
+        return self.config.item_modality == "image"
+
     @property
     def needs_prompt(self) -> bool:
         """Whether the ideal points depend on the prompt (PAL-B), so that scoring needs the prompt apart from the response."""
@@ -1302,6 +1334,11 @@ class PalRewardModel(PalPreTrainedModel):
             raise ValueError(
                 "This PAL model has no backbone (it scores pooled features), so there is nothing to put an adapter on. "
                 "Build the model on a backbone with `PalRewardModel.from_backbone(name_or_path, ...)`."
+            )
+        if self.is_image_model:
+            raise ValueError(
+                "Adapters on two-tower image-text backbones (CLIP, SigLIP) are not supported: an image PAL model trains "
+                "its heads on frozen image and caption features. Train without `peft_config` / `train_backbone`."
             )
         if self.has_backbone_adapter:
             raise ValueError(
@@ -2408,13 +2445,19 @@ class PalRewardModel(PalPreTrainedModel):
     ) -> torch.Tensor:
         """
         Runs the backbone and pools its last hidden states: `phi(x)`, of shape `(batch_size, hidden_size)`. Left-padded
-        rows get position ids that start at their first token, so padding side does not change the reward.
+        rows get position ids that start at their first token, so padding side does not change the reward. A two-tower
+        image-text backbone embeds the texts (captions) with its text tower (`get_text_features`).
         """
         if self.backbone is None:
             raise ValueError(
                 "This PAL model has no backbone (`backbone_config=None`): pass pooled `item_features` / "
                 "`prompt_features` instead of token ids."
             )
+        if self.is_image_model:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if attention_mask is not None and bool((attention_mask[:, 0] == 0).any()):
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return _pooled(self.backbone.get_text_features(**kwargs))
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -2424,6 +2467,20 @@ class PalRewardModel(PalPreTrainedModel):
                 kwargs["position_ids"] = (valid.long().cumsum(-1) - 1).clamp(min=0)
         hidden_states = self.backbone(**kwargs).last_hidden_state
         return pool_hidden_states(hidden_states, attention_mask, self.config.pooling)
+
+    def encode_images(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """
+        The image embeddings `(batch_size, hidden_size)` of a two-tower image-text backbone (`get_image_features`) for
+        `pixel_values` from its image processor: `phi(x)` of image items.
+        """
+        if not self.is_image_model:
+            raise ValueError(
+                f"This PAL model reads texts (its backbone is {self.config.backbone_config.model_type if self.backbone is not None else 'none'}), "
+                "not images: pass `input_ids` (or `item_features`). Image items need a two-tower image-text backbone "
+                "such as CLIP or SigLIP."
+            )
+        dtype = next(self.backbone.parameters()).dtype
+        return _pooled(self.backbone.get_image_features(pixel_values=pixel_values.to(dtype)))
 
     def _backbone_takes_position_ids(self) -> bool:
         cached = self.__dict__.get("_takes_position_ids")
@@ -2442,6 +2499,8 @@ class PalRewardModel(PalPreTrainedModel):
             return self.check_features(features, f"{name}_features")
         if input_ids is None:
             return None
+        if name == "item" and self.is_image_model:
+            raise ValueError(IMAGE_MODEL_TAKES_IMAGES)
         input_ids, attention_mask, token_type_ids = self.frame_input_ids(
             input_ids, attention_mask, token_type_ids, name
         )
@@ -2573,6 +2632,7 @@ class PalRewardModel(PalPreTrainedModel):
         prompt_token_type_ids: torch.LongTensor | None = None,
         item_features: torch.Tensor | None = None,
         prompt_features: torch.Tensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PalRewardModelOutput | tuple:
@@ -2593,13 +2653,21 @@ class PalRewardModel(PalPreTrainedModel):
                 Pooled backbone features of the sequences, instead of `input_ids` (cached embeddings).
             prompt_features (`torch.FloatTensor` of shape `(batch_size or num_pairs, hidden_size)`, *optional*):
                 Pooled backbone features of the prompts, instead of `prompt_input_ids`.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`, *optional*):
+                The images to score, from the backbone's image processor, for a two-tower image-text backbone (CLIP,
+                SigLIP), instead of `input_ids`; the captions go in `prompt_input_ids`.
         """
         kwargs.pop("use_cache", None)
         kwargs.pop("labels", None)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if pixel_values is not None:
+            if item_features is not None or input_ids is not None:
+                raise ValueError("Pass the items once: `pixel_values`, `input_ids` or `item_features`.")
+            item_features = self.encode_images(pixel_values)
         items = self._features(item_features, input_ids, attention_mask, token_type_ids, "item")
         if items is None:
-            raise ValueError("Pass the sequences to score as `input_ids` (with `attention_mask`) or `item_features`.")
+            what = "`pixel_values`" if self.is_image_model else "`input_ids` (with `attention_mask`)"
+            raise ValueError(f"Pass the items to score as {what} or `item_features`.")
         prompts = None
         if self.needs_prompt:  # PAL-A's ideal points do not depend on the prompt
             prompts = self._features(
@@ -2649,6 +2717,46 @@ class PalRewardModel(PalPreTrainedModel):
     def text_scorer(self, tokenizer, max_length: int | None = None, batch_size: int = 32) -> "PalTextScorer":
         """A [`PalTextScorer`]: this model reading texts with `tokenizer` (checked against the model's tokenizer)."""
         return PalTextScorer(self, tokenizer, max_length=max_length, batch_size=batch_size)
+
+    def image_scorer(self, processor, batch_size: int = 32, convert_to_rgb: bool = False) -> "PalImageScorer":
+        """A [`PalImageScorer`]: this image model reading images and captions with `processor` (checked)."""
+        return PalImageScorer(self, processor, batch_size=batch_size, convert_to_rgb=convert_to_rgb)
+
+    def score_images(
+        self,
+        processor,
+        prompts: Sequence[str] | None,
+        images: Sequence,
+        users: Sequence[str | None] | str | None = None,
+        mixture_weights: torch.Tensor | None = None,
+        batch_size: int = 32,
+        unknown_users: str = "error",
+        return_prototype_rewards: bool = False,
+        convert_to_rgb: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """
+        Rewards `(N,)` of `images[i]` as a response to the caption `prompts[i]` for `users[i]` (a registered id;
+        `None`: the population), for one user for every row, for an explicit mixture, or for the population mixture
+        ([`PalImageScorer.score`]); the image counterpart of [`score_texts`], for a two-tower image-text backbone.
+        Images are PIL images, file paths, encoded bytes, `{"bytes", "path"}` dicts (a `datasets.Image(decode=False)`
+        column) or `(height, width, 3)` uint8 arrays, and must be RGB: other modes (grayscale, RGBA, palette) are an
+        error unless `convert_to_rgb=True`. `prompts` may be `None` for PAL-A, whose ideal points ignore the caption.
+
+        Example:
+
+        ```python
+        >>> processor = AutoProcessor.from_pretrained("openai/clip-vit-base-patch32")
+        >>> rewards = model.score_images(processor, ["a red fox"] * 2, [image_a, image_b], users="alice")
+        ```
+        """
+        return self.image_scorer(processor, batch_size, convert_to_rgb).score(
+            prompts,
+            images,
+            users=users,
+            mixture_weights=mixture_weights,
+            unknown_users=unknown_users,
+            return_prototype_rewards=return_prototype_rewards,
+        )
 
     def encode_texts(
         self,
@@ -2774,6 +2882,9 @@ class PalTextScorer:
             position = {text: i for i, text in enumerate(distinct)}
             return self.encode(distinct, show_progress=show_progress)[[position[text] for text in texts]]
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # A two-tower text tower may pool a fixed position (SigLIP pools the last one), so captions are padded to
+        # `max_length` as its processor pads them: a caption's features never depend on the rest of its batch.
+        pad_to = self.max_length if model.is_image_model else None
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
         features = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
         device = model.item_head.layers[-1].weight.device
@@ -2788,7 +2899,7 @@ class PalTextScorer:
             for start in batches:
                 index = order[start : start + self.batch_size]
                 input_ids, attention_mask = pad_token_ids(
-                    self.tokenize([texts[i] for i in index]), pad_token_id or 0, device
+                    self.tokenize([texts[i] for i in index]), pad_token_id or 0, device, length=pad_to
                 )
                 pooled = model.encode(input_ids, attention_mask)
                 if not torch.isfinite(pooled).all():
@@ -2812,6 +2923,8 @@ class PalTextScorer:
         return self._features_of_pairs(self.format_pairs(prompts, responses, allow_empty=allow_empty))
 
     def _features_of_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.model.is_image_model:
+            raise ValueError(IMAGE_MODEL_TAKES_IMAGES)
         use_prompts = self.model.needs_prompt
         texts = [item for _, item in pairs] + ([prompt for prompt, _ in pairs] if use_prompts else [])
         features = self.encode(texts).to(self.model.item_head.layers[-1].weight.device)
@@ -2862,6 +2975,254 @@ class PalTextScorer:
         return (rewards, *extras) if extras else rewards
 
 
+IMAGE_KEY_PREFIX = b"pal-rm image\x00"
+
+
+def load_image(image, where: str = "", convert_to_rgb: bool = False):
+    """
+    One image as an RGB `PIL.Image.Image`, from a PIL image, a file path, encoded bytes, a `{"bytes", "path"}` dict (a
+    `datasets.Image(decode=False)` cell) or a `(height, width, 3)` uint8 array. An image that cannot be decoded is a
+    `ValueError` naming `where`; so is one that is not RGB (grayscale, RGBA, palette, CMYK, ...) unless
+    `convert_to_rgb=True`, which converts it (transparent pixels composited on white).
+    """
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    source = image
+    try:
+        if isinstance(image, dict):
+            if image.get("bytes") is not None:
+                image = Image.open(io.BytesIO(image["bytes"]))
+            elif image.get("path"):
+                image = Image.open(image["path"])
+            else:
+                raise ValueError("the dict has neither `bytes` nor `path`")
+        elif isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, (str, os.PathLike)):
+            image = Image.open(image)
+        elif hasattr(image, "__array_interface__") and not isinstance(image, Image.Image):
+            import numpy as np
+
+            array = np.asarray(image)
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+                raise ValueError(
+                    f"an array image must be (height, width, 3) uint8 RGB, got {array.shape} {array.dtype}"
+                )
+            image = Image.fromarray(array)
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL image, a path, bytes or an array, got {type(image).__name__}")
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError) as error:
+        shown = f" ({source!r:.80})" if isinstance(source, (str, os.PathLike)) else ""
+        raise ValueError(f"Image {where}{shown} could not be read as an image: {error}.") from None
+    if image.mode != "RGB":
+        if not convert_to_rgb:
+            raise ValueError(
+                f"Image {where} is a {image.mode!r} image ({_MODE_NAMES.get(image.mode, 'not RGB')}); PAL scores RGB "
+                "images, so that a grayscale or transparent image never changes meaning silently. Convert it first "
+                "(`image.convert('RGB')`), or pass `convert_to_rgb=True`."
+            )
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba).convert("RGB")
+        else:
+            image = image.convert("RGB")
+    return image
+
+
+_MODE_NAMES = {
+    "L": "grayscale",
+    "LA": "grayscale with transparency",
+    "1": "black and white",
+    "I": "32-bit grayscale",
+    "I;16": "16-bit grayscale",
+    "F": "floating-point grayscale",
+    "P": "palette",
+    "PA": "palette with transparency",
+    "RGBA": "RGB with transparency",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+    "HSV": "HSV",
+}
+
+
+def image_key(image) -> bytes:
+    """The key of an RGB image by its content (SHA-1 of its size and pixels, 20 bytes): the same pixels in any file
+    format or path have one key, and it never equals the key of a text."""
+    digest = hashlib.sha1(IMAGE_KEY_PREFIX)
+    digest.update(f"{image.width}x{image.height}".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
+class PalImageScorer:
+    """
+    A PAL model on a two-tower image-text backbone (CLIP, SigLIP) reading images and captions with the backbone's
+    processor: the image counterpart of [`PalTextScorer`]. Images are decoded and checked ([`load_image`]: RGB only
+    unless `convert_to_rgb=True`), keyed by their content ([`image_key`]) so that each distinct image is encoded once,
+    turned into `pixel_values` by `processor.image_processor` and embedded by the image tower
+    ([`PalRewardModel.encode_images`]); captions go through a [`PalTextScorer`] on `processor.tokenizer` and the text
+    tower. [`PalRewardModel.score_images`], the trainer and the feature store read images through it.
+
+    Args:
+        model ([`PalRewardModel`]): an image model (`model.is_image_model`).
+        processor: the backbone's processor (`AutoProcessor.from_pretrained(backbone)`), with `image_processor` and
+            `tokenizer`; one whose images do not have the backbone's size, or whose tokenizer has another vocabulary,
+            is an error.
+        batch_size (`int`, *optional*, defaults to 32): images per backbone call.
+        convert_to_rgb (`bool`, *optional*, defaults to `False`): convert grayscale, RGBA and palette images to RGB
+            instead of refusing them.
+    """
+
+    def __init__(self, model: "PalRewardModel", processor, batch_size: int = 32, convert_to_rgb: bool = False):
+        if model.backbone is None or not model.is_image_model:
+            raise ValueError(
+                "`PalImageScorer` needs a PAL model on a two-tower image-text backbone (CLIP, SigLIP); this one reads "
+                "texts (use `score_texts`) or pooled features."
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        image_processor = getattr(processor, "image_processor", None)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if image_processor is None or tokenizer is None:
+            raise ValueError(
+                f"An image PAL model needs the backbone's processor, with an image processor and a tokenizer (for "
+                f"example `AutoProcessor.from_pretrained(backbone)`), got {type(processor).__name__}."
+            )
+        self.model = model
+        self.processor = processor
+        self.image_processor = image_processor
+        self.text_scorer = PalTextScorer(model, tokenizer, batch_size=batch_size)
+        self.batch_size = batch_size
+        self.convert_to_rgb = convert_to_rgb
+        self._check_image_size()
+
+    def _check_image_size(self) -> None:
+        from PIL import Image
+
+        vision = self.model.config.backbone_config.vision_config
+        pixels = self.image_processor([Image.new("RGB", (8, 8))], return_tensors="pt")["pixel_values"]
+        expected = (getattr(vision, "num_channels", 3), vision.image_size, vision.image_size)
+        if tuple(pixels.shape[1:]) != expected:
+            raise ValueError(
+                f"The processor's image processor ({type(self.image_processor).__name__}) makes images of shape "
+                f"{tuple(pixels.shape[1:])}, but the backbone ({self.model.config.backbone_config.model_type}) takes "
+                f"{expected}: it is not this backbone's processor. Use `AutoProcessor.from_pretrained` on the "
+                "backbone (or on the saved PAL model)."
+            )
+
+    def load_images(self, images: Sequence, name: str = "images") -> list:
+        """Every image decoded and checked ([`load_image`]); errors name the position in `name`."""
+        if isinstance(images, (str, bytes, os.PathLike, dict)) or hasattr(images, "getpixel"):
+            raise TypeError(f"`{name}` must be a list of images, got one {type(images).__name__}.")
+        return [load_image(image, f"{name}[{i}]", self.convert_to_rgb) for i, image in enumerate(images)]
+
+    @torch.no_grad()
+    def encode(self, images: Sequence, show_progress: bool = False, deduplicate: bool = True) -> torch.Tensor:
+        """
+        Image embeddings `(len(images), hidden_size)` in float32 on the CPU. Each distinct image (by content) is
+        encoded once unless `deduplicate=False`. Images are decoded and checked first ([`load_images`]).
+        """
+        images = self.load_images(images)
+        if deduplicate:
+            keys = [image_key(image) for image in images]
+            first = {}
+            for index, key in enumerate(keys):
+                first.setdefault(key, index)
+            if len(first) < len(images):
+                position = {key: i for i, key in enumerate(first)}
+                distinct = self.encode([images[i] for i in first.values()], show_progress, deduplicate=False)
+                return distinct[[position[key] for key in keys]]
+        model = self.model
+        features = torch.empty(len(images), model.config.hidden_size, dtype=torch.float32)
+        device = model.item_head.layers[-1].weight.device
+        was_training = model.training
+        model.eval()
+        batches = range(0, len(images), self.batch_size)
+        if show_progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="Encoding images", unit="batch")
+        try:
+            for start in batches:
+                batch = images[start : start + self.batch_size]
+                pixels = self.image_processor(batch, return_tensors="pt")["pixel_values"].to(device)
+                embedded = model.encode_images(pixels)
+                if not torch.isfinite(embedded).all():
+                    bad = (~torch.isfinite(embedded).all(-1)).nonzero().flatten().add(start).tolist()
+                    raise ValueError(
+                        f"The backbone returned non-finite features (NaN or inf) for images {bad[:10]} (positions in "
+                        "the list given). Check the backbone's dtype and weights."
+                    )
+                features[start : start + len(batch)] = embedded.float().cpu()
+        finally:
+            model.train(was_training)
+        return features
+
+    def encode_prompts(self, prompts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+        """Caption embeddings `(len(prompts), hidden_size)` from the text tower, float32 on the CPU."""
+        prompts = list(prompts)
+        for row, prompt in enumerate(prompts):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"Prompt {row} is {prompt!r}: every image needs a non-empty caption for PAL-B.")
+        return self.text_scorer.encode(prompts, show_progress=show_progress)
+
+    def pair_features(
+        self, prompts: Sequence[str] | None, images: Sequence
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(item_features, prompt_features)` on the model's device; `prompt_features` is `None` for PAL-A."""
+        device = self.model.item_head.layers[-1].weight.device
+        items = self.encode(images).to(device)
+        if not self.model.needs_prompt:
+            return items, None
+        if prompts is None:
+            raise ValueError(PAL_B_NEEDS_PROMPT)
+        prompts = list(prompts)
+        if len(prompts) != len(items):
+            raise ValueError(f"Got {len(prompts)} prompts and {len(items)} images; they must pair up.")
+        return items, self.encode_prompts(prompts).to(device)
+
+    @torch.no_grad()
+    def score(
+        self,
+        prompts: Sequence[str] | None,
+        images: Sequence,
+        users: Sequence[str | None] | str | None = None,
+        mixture_weights: torch.Tensor | None = None,
+        unknown_users: str = "error",
+        return_prototype_rewards: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Rewards `(N,)` of `images[i]` for the caption `prompts[i]`: see [`PalRewardModel.score_images`]."""
+        model = self.model
+        images = list(images)
+        if prompts is not None:
+            prompts = list(prompts)
+            if len(prompts) != len(images):
+                raise ValueError(f"Got {len(prompts)} prompts and {len(images)} images; they must pair up.")
+        if isinstance(users, str):
+            users = [users] * len(images)
+        user_rows = None
+        if users is not None:
+            users = list(users)
+            if len(users) != len(images):
+                raise ValueError(f"Got {len(users)} users for {len(images)} images; pass one user per image.")
+            user_rows = model.user_rows(users, unknown_users=unknown_users)
+        item_features, prompt_features = self.pair_features(prompts, images)
+        output = model(
+            item_features=item_features,
+            prompt_features=prompt_features,
+            user_ids=user_rows,
+            mixture_weights=mixture_weights,
+        )
+        rewards = output.logits.squeeze(-1).float().cpu()
+        if return_prototype_rewards:
+            return rewards, output.prototype_rewards.float().cpu()
+        return rewards
+
+
 def _build_user_registry(user_ids: Sequence[str]) -> dict[str, int]:
     """`{user id: row}` of a registry: built once per change of the registry, never per lookup."""
     return {user: row for row, user in enumerate(user_ids)}
@@ -2897,9 +3258,10 @@ def default_max_length(tokenizer, config) -> int:
     return min(limits)
 
 
-def pad_token_ids(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None):
-    """Right-pads lists of token ids into `(input_ids, attention_mask)` tensors."""
+def pad_token_ids(sequences: Sequence[Sequence[int]], pad_token_id: int, device=None, length: int | None = None):
+    """Right-pads lists of token ids into `(input_ids, attention_mask)` tensors, to the longest or to `length`."""
     longest = max((len(ids) for ids in sequences), default=0)
+    longest = max(longest, length or 0)
     input_ids = torch.full((len(sequences), longest), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
     for row, ids in enumerate(sequences):
@@ -2968,6 +3330,7 @@ __all__ = [
     "PalRewardModel",
     "PalRewardModelOutput",
     "PalSimilarity",
+    "PalImageScorer",
     "PalTextScorer",
     "PalUsers",
     "register_prototypes",
@@ -2975,6 +3338,8 @@ __all__ = [
     "default_max_length",
     "format_preference_texts",
     "frame_token_ids",
+    "image_key",
+    "load_image",
     "sequence_framing",
     "tokenize_texts",
 ]

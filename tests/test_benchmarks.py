@@ -127,6 +127,18 @@ def test_summary_smoke(tmp_path):
     assert all(in_unit_interval(m["seen_accuracy"]) for m in result["models"].values())
 
 
+def test_images_smoke(tmp_path):
+    result = load_script("images").main(["--smoke", "--output_dir", str(tmp_path)])
+    assert read(tmp_path, "images")["models"] == json.loads(json.dumps(result["models"]))
+    assert set(result["models"]) == {"one reward for everyone", "PAL-A K=2", "PAL-B K=2"}
+    assert result["selected_pal"] in ("PAL-A K=2", "PAL-B K=2")
+    assert all(in_unit_interval(m["seen_accuracy"]) for m in result["models"].values())
+    assert all(in_unit_interval(v) for m in result["models"].values() for v in m["unseen_accuracy"].values())
+    sizes = result["data"]["sizes"]
+    # every image once and each distinct caption once, shared by the three models
+    assert 0 < result["images_and_captions_encoded"] <= 2 * sum(sizes.values()) + sum(sizes.values())
+
+
 def test_speed_smoke(tmp_path):
     load_script("speed").main(["--smoke", "--data_dir", PERSONA_FIXTURE, "--output_dir", str(tmp_path)])
     result = read(tmp_path, "speed")

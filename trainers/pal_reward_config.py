@@ -22,7 +22,10 @@ class PalRewardConfig(RewardConfig):
             Folder where the frozen-backbone features are kept between runs (one safetensors file per backbone, written
             atomically by the main process; with several machines, a folder they all see). `None`: in memory only.
         encode_batch_size (`int`, *optional*, defaults to `64`):
-            Batch size of the backbone when texts are encoded for the cache.
+            Batch size of the backbone when texts (or images) are encoded for the cache.
+        convert_images_to_rgb (`bool`, *optional*, defaults to `False`):
+            For an image model (a CLIP / SigLIP backbone, `chosen_image` / `rejected_image` columns): convert
+            grayscale, RGBA and palette images to RGB. `False`: such an image is an error naming its row.
         feature_dtype (`str`, *optional*, defaults to `"float32"`):
             Storage precision of the frozen-backbone feature table (held once per process, and in
             `embedding_cache_dir`): `"float32"`, or `"float16"` / `"bfloat16"` for half the memory. Features are
@@ -80,6 +83,10 @@ class PalRewardConfig(RewardConfig):
         default=None, metadata={"help": "Folder that keeps frozen-backbone features between runs."}
     )
     encode_batch_size: int = field(default=64, metadata={"help": "Backbone batch size when encoding texts."})
+    convert_images_to_rgb: bool = field(
+        default=False,
+        metadata={"help": "Convert grayscale, RGBA and palette images to RGB (image models); False: refuse them."},
+    )
     feature_dtype: str = field(
         default="float32",
         metadata={"help": "Storage dtype of the frozen-backbone feature table: float32, float16 or bfloat16."},

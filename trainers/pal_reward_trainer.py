@@ -3,6 +3,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import str_to_bool
 from datasets import Dataset, IterableDataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Trainer, set_seed
+from transformers import AutoProcessor, AutoTokenizer, PreTrainedTokenizerBase, Trainer, set_seed
 from transformers.data.data_collator import DataCollatorMixin
 from transformers.trainer import TRAINER_STATE_NAME, TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -27,7 +28,13 @@ from trl.trainer.utils import disable_dropout_in_model, pad
 
 from pal_rm.adaptation import NotEnoughValidationData, embed_pairs, fit_users
 from pal_rm.adaptation import fit_adaptation_prior as _fit_adaptation_prior
-from pal_rm.cache import FeatureStore, backbone_fingerprint, distributed_state, resolve_feature_dtype
+from pal_rm.cache import (
+    FeatureStore,
+    backbone_fingerprint,
+    distributed_state,
+    image_backbone_fingerprint,
+    resolve_feature_dtype,
+)
 from pal_rm.hub import missing_salt_message, resolve_user_id_salt, save_model_card
 from pal_rm.losses import norm_bound_penalty, preference_loss
 from pal_rm.metrics import per_user_accuracy, personalized_preference_metrics
@@ -40,6 +47,8 @@ logger = get_logger(__name__)
 
 PROCESSED_FEATURE_COLUMNS = ("chosen_index", "rejected_index", "prompt_index", "user_index")
 PROCESSED_TOKEN_COLUMNS = ("chosen_ids", "rejected_ids", "prompt_ids", "user_index")
+# The items of image preference rows (with `prompt`, the caption, and the user column).
+IMAGE_COLUMNS = ("chosen_image", "rejected_image")
 
 
 @dataclass
@@ -221,7 +230,9 @@ class PalRewardTrainer(RewardTrainer):
         if args.push_to_hub:  # hashed before anything is saved: checkpoints are pushed during training
             self._hash_user_ids_for_upload(model, args)
 
-        if model.backbone is not None:
+        if model.backbone is not None and model.is_image_model:
+            processing_class = self._prepare_processor(model, processing_class, args, peft_config)
+        elif model.backbone is not None:
             processing_class = self._prepare_tokenizer(model, processing_class, args)
             self._set_backbone_trainable(model, args, peft_config)
         elif args.train_backbone or peft_config is not None:
@@ -251,8 +262,9 @@ class PalRewardTrainer(RewardTrainer):
         logger.info(self.trainable_parameters_summary)
 
         if data_collator is None:
+            tokenizer = getattr(processing_class, "tokenizer", processing_class)
             data_collator = DataCollatorForPersonalizedPreference(
-                pad_token_id=processing_class.pad_token_id if processing_class is not None else 0,
+                pad_token_id=tokenizer.pad_token_id if tokenizer is not None else 0,
                 features=self.feature_store,
                 pad_to_multiple_of=args.pad_to_multiple_of,
             )
@@ -277,7 +289,7 @@ class PalRewardTrainer(RewardTrainer):
         }
         saved_model_init_kwargs, args.model_init_kwargs = args.model_init_kwargs, model_init_kwargs
         try:
-            if processing_class is not None:
+            if processing_class is not None and not model.is_image_model:
                 super().__init__(**trainer_kwargs)
             else:
                 self._init_without_tokenizer(**trainer_kwargs)
@@ -288,23 +300,31 @@ class PalRewardTrainer(RewardTrainer):
 
     def _init_without_tokenizer(self, **trainer_kwargs) -> None:
         """
-        RewardTrainer's set-up for a model without a backbone (it scores pooled features, so there is no tokenizer,
-        which `RewardTrainer.__init__` needs for its pad and EOS tokens): the same steps, those about tokens left out.
-        `tests/test_reward_config_contract.py` checks that both paths honour every `RewardConfig` field.
+        RewardTrainer's set-up for a model without a text tokenizer (`RewardTrainer.__init__` needs one for its pad and
+        EOS tokens): a model without backbone (it scores pooled features) or an image model (its processing class is
+        the backbone's processor). The same steps, those about tokens left out. `tests/test_reward_config_contract.py`
+        checks that both paths honour every `RewardConfig` field.
         """
         args, model = trainer_kwargs["args"], trainer_kwargs["model"]
+        processing_class = trainer_kwargs["processing_class"]
         for name in ("eos_token", "pad_token", "chat_template_path"):
             if getattr(args, name) is not None:
-                raise ValueError(f"`{name}` applies to a tokenizer, and this PAL model (pooled features) has none.")
+                reason = (
+                    "an image model reads its captions with the backbone's processor as it is"
+                    if model.is_image_model
+                    else "this PAL model (pooled features) has none"
+                )
+                raise ValueError(f"`{name}` applies to a tokenizer, and {reason}.")
         set_seed(args.seed)
         if args.disable_dropout:
             disable_dropout_in_model(model)
-        trainer_kwargs["train_dataset"] = self._prepare_dataset(trainer_kwargs["train_dataset"], None, args, "train")
+        prepare = functools.partial(self._prepare_dataset, processing_class=processing_class, args=args)
+        trainer_kwargs["train_dataset"] = prepare(trainer_kwargs["train_dataset"], dataset_name="train")
         eval_dataset = trainer_kwargs["eval_dataset"]
         if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self._prepare_dataset(data, None, args, name) for name, data in eval_dataset.items()}
+            eval_dataset = {name: prepare(data, dataset_name=name) for name, data in eval_dataset.items()}
         elif eval_dataset is not None:
-            eval_dataset = self._prepare_dataset(eval_dataset, None, args, "eval")
+            eval_dataset = prepare(eval_dataset, dataset_name="eval")
         trainer_kwargs["eval_dataset"] = eval_dataset
         Trainer.__init__(self, **trainer_kwargs)
         if args.n_gpu > 1:
@@ -349,6 +369,31 @@ class PalRewardTrainer(RewardTrainer):
         model.register_tokenizer(processing_class)
         model.config.get_text_config().pad_token_id = processing_class.pad_token_id
         return processing_class
+
+    @staticmethod
+    def _prepare_processor(model: PalRewardModel, processor, args: PalRewardConfig, peft_config):
+        """
+        The processor of an image model (a two-tower image-text backbone): `AutoProcessor` of the backbone when none
+        is given, checked against the backbone ([`~pal_rm.modeling_pal.PalImageScorer`]), its tokenizer registered as
+        the model's text form. The backbone stays frozen: image models train their heads on cached features.
+        """
+        if args.train_backbone or peft_config is not None:
+            raise ValueError(
+                "Image PAL models (CLIP / SigLIP backbones) train their heads on frozen, cached image and caption "
+                "features; `train_backbone=True` and `peft_config` are not supported for them. Leave both unset."
+            )
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(
+                model.config.backbone_name_or_path or model.config.backbone_config._name_or_path,
+                trust_remote_code=args.trust_remote_code,
+            )
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None and tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model.image_scorer(processor, convert_to_rgb=args.convert_images_to_rgb)  # checks the processor
+        model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+        model.set_backbone_trainable(False)
+        return processor
 
     @staticmethod
     def _set_backbone_trainable(model: PalRewardModel, args: PalRewardConfig, peft_config) -> None:
@@ -439,6 +484,8 @@ class PalRewardTrainer(RewardTrainer):
                 output["prompt_index"] = [-1] * len(dataset)
             return Dataset.from_dict(output)
 
+        if model.is_image_model or set(IMAGE_COLUMNS) & set(columns):
+            return self._prepare_image_dataset(dataset, processing_class, args, dataset_name, output)
         if model.backbone is None:
             raise ValueError(
                 f"The {dataset_name} dataset holds texts but this PAL model has no backbone; give it pooled features "
@@ -451,7 +498,7 @@ class PalRewardTrainer(RewardTrainer):
 
         if not args.train_backbone:
             texts = items_chosen + items_rejected + (prompts if use_prompts else [])
-            rows = self._encode_texts(texts, processing_class, args)
+            rows = self._encode_items(texts, processing_class, args)
             num_rows = len(items_chosen)
             output["chosen_index"] = rows[:num_rows]
             output["rejected_index"] = rows[num_rows : 2 * num_rows]
@@ -462,6 +509,52 @@ class PalRewardTrainer(RewardTrainer):
         output["chosen_ids"] = scorer.tokenize(items_chosen)
         output["rejected_ids"] = scorer.tokenize(items_rejected)
         output["prompt_ids"] = scorer.tokenize(prompts) if use_prompts else [[] for _ in prompts]
+        return Dataset.from_dict(output)
+
+    def _prepare_image_dataset(self, dataset, processor, args, dataset_name: str, output: dict) -> Dataset:
+        """
+        Image preference rows (`prompt`: the caption, `chosen_image`, `rejected_image`, a user column) as rows of the
+        feature store: each distinct image (by its pixels) and caption encoded once by the frozen two-tower backbone.
+        """
+        model = self._pal_model
+        columns = dataset.column_names
+        if not model.is_image_model:
+            raise ValueError(
+                f"The {dataset_name} dataset holds images ({[c for c in IMAGE_COLUMNS if c in columns]}) but this PAL "
+                "model reads texts. Build it on a two-tower image-text backbone (CLIP, SigLIP): "
+                "`PalRewardModel.from_backbone('openai/clip-vit-base-patch32', ...)`."
+            )
+        missing = [column for column in IMAGE_COLUMNS if column not in columns]
+        if missing:
+            texts = ""
+            if {"chosen", "rejected"} <= set(columns):
+                texts = " It has text columns `chosen` / `rejected`: an image model scores images, not texts."
+            raise ValueError(
+                f"The {dataset_name} dataset has no {missing} column (columns: {columns}). An image PAL model trains on "
+                f"`prompt` (the caption), `chosen_image`, `rejected_image` and a user column.{texts}"
+            )
+        chosen, rejected = _column_list(dataset, "chosen_image"), _column_list(dataset, "rejected_image")
+        rows = self._encode_items(chosen + rejected, processor, args, images=True)
+        num_rows = len(chosen)
+        output["chosen_index"], output["rejected_index"] = rows[:num_rows], rows[num_rows:]
+        same = torch.tensor(output["chosen_index"]) == torch.tensor(output["rejected_index"])
+        _check_distinct(same, dataset_name, "the same chosen and rejected image")
+        if model.needs_prompt:
+            if "prompt" not in columns:
+                raise ValueError(
+                    f"The {dataset_name} dataset has no `prompt` column; PAL-B's ideal points depend on the caption of "
+                    "each comparison. Add the captions as `prompt` (or use PAL-A)."
+                )
+            prompts = _column_list(dataset, "prompt")
+            for row, prompt in enumerate(prompts):
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise ValueError(
+                        f"Row {row} of the {dataset_name} dataset has the prompt {prompt!r}; PAL-B needs the caption "
+                        "(a non-empty string) of every comparison."
+                    )
+            output["prompt_index"] = self._encode_items(prompts, processor.tokenizer, args)
+        else:
+            output["prompt_index"] = [-1] * num_rows
         return Dataset.from_dict(output)
 
     def _new_feature_store(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureStore:
@@ -477,41 +570,46 @@ class PalRewardTrainer(RewardTrainer):
                 f"{args.feature_dtype!r}. Build the cache with `FeatureStore(..., dtype=args.feature_dtype)`."
             )
         self._backbone_fingerprint = None
+        if model.backbone is not None and model.is_image_model:
+            self._backbone_fingerprint = image_backbone_fingerprint(model, processing_class, args.max_length)
+            return self.embedding_cache
         if model.backbone is not None and not args.train_backbone:
             self._backbone_fingerprint = backbone_fingerprint(model, processing_class, args.max_length)
             return self.embedding_cache
         return FeatureStore(dtype=args.feature_dtype)
 
-    def _encode_texts(self, texts: list[str], processing_class, args: PalRewardConfig) -> list[int]:
+    def _encode_items(self, items: list, processing_class, args: PalRewardConfig, images: bool = False) -> list[int]:
         """
-        Rows of `texts` in the feature store, encoding with the frozen backbone the texts no row holds yet. Under
-        several processes every process calls this with the same texts: each unique text goes through the backbone in
-        one process only and the features are gathered, so every process holds the same table (see
-        [`~pal_rm.cache.FeatureStore.encode_rows`]).
+        Rows of `items` (texts, or images with `images=True` and the processor) in the feature store, encoding with
+        the frozen backbone the items no row holds yet. Under several processes every process calls this with the
+        same items: each unique item goes through the backbone in one process only and the features are gathered, so
+        every process holds the same table (see [`~pal_rm.cache.FeatureStore.encode_rows`]).
         """
         model = self._pal_model
         sharded = self._backbone_is_sharded()
-        move = not sharded and bool(self.feature_store.missing(texts))
+        move = not sharded and (images or bool(self.feature_store.missing(items)))
         device = model.item_head.layers[-1].weight.device
         if move:
             model.to(args.device)
+        encode = {
+            "batch_size": args.encode_batch_size,
+            "show_progress": not args.disable_tqdm,
+            "distributed": True,
+            "lockstep": sharded,
+            "fingerprint": self._backbone_fingerprint,
+        }
         try:
             with self.full_pal_parameters():
-                rows = self.embedding_cache.encode_rows(
-                    model,
-                    processing_class,
-                    texts,
-                    batch_size=args.encode_batch_size,
-                    max_length=args.max_length,
-                    show_progress=not args.disable_tqdm,
-                    distributed=True,
-                    lockstep=sharded,
-                    fingerprint=self._backbone_fingerprint,
+                if images:
+                    return self.embedding_cache.encode_image_rows(
+                        model, processing_class, items, convert_to_rgb=args.convert_images_to_rgb, **encode
+                    )
+                return self.embedding_cache.encode_rows(
+                    model, processing_class, items, max_length=args.max_length, **encode
                 )
         finally:
             if move:
                 model.to(device)
-        return rows
 
     def _format_texts(
         self, dataset, processing_class, dataset_name, num_proc: int | None = None

@@ -32,6 +32,7 @@ BENCHMARKS = (
     "big_backbone",
     "checkpoints",
     "summary",
+    "images",
     "grpo_with_pal",
 )
 SOURCES = {"grpo_with_pal": os.path.join("outputs", "examples")}  # default: outputs/benchmarks
@@ -306,6 +307,27 @@ def render_summary(result, results_dir) -> str:
         + f"\n\nWith network: `python examples/benchmarks/summary.py --source openai/summarize_from_feedback "
         f"--drop_ties false` (expected seen-user sizes {expected['train']:,} / {expected['validation']:,} / "
         f"{expected['test']:,}).\n"
+    )
+
+
+def render_images(result, results_dir) -> str:
+    shots = result["shots"]
+    rows = []
+    for name, values in result["models"].items():
+        label = f"**{name}**" if name == result["selected_pal"] else name
+        rows.append([label, values["seen_accuracy"]] + [values["unseen_accuracy"][str(n)] for n in shots])
+    ceiling = result["true_model_accuracy"]
+    rows.append(["true model (ceiling)", ceiling["test"]] + [ceiling["unseen_test"]] * len(shots))
+    sizes = ", ".join(f"{k} {v:,}" for k, v in result["data"]["sizes"].items())
+    return (
+        f"### Image preferences (warm / cool colour filters, offline)\n\n`{result['command']}` on {_machine(result)}; "
+        f"sizes: {sizes}. Procedurally drawn images with Pick-a-Filter's warm and cool filters "
+        "(`pal_rm.data.load_color_filter_preferences`), two user groups and mixture users; the backbone is "
+        f"{result['backbone']}, read through its real image processor. A check that the image pipeline works end to "
+        "end, not a measure of image understanding. Accuracy; bold: the PAL model chosen on seen-user validation "
+        "accuracy; unseen users fitted on n of their comparisons.\n\n"
+        + table(["model", "seen users"] + [f"unseen, {n}-shot" for n in shots], rows)
+        + "\n"
     )
 
 

@@ -4,19 +4,23 @@
 comparisons of the same new users)."""
 
 from ._common import SPLIT_NAMES
+from .color_filter import COLOR_FILTER_GROUPS, apply_color_filter, load_color_filter_preferences
 from .demo import DEMO_GROUP_PREFERENCES, DEMO_PROPERTIES, load_demo_preferences
 from .persona import DEFAULT_PERSONAS, available_personas, load_persona_preferences
 from .summary import SUMMARY_GROUPS, load_summary_preferences
 from .synthetic import bayes_optimal_accuracy, load_synthetic_preferences
 
 __all__ = [
+    "COLOR_FILTER_GROUPS",
     "DEFAULT_PERSONAS",
     "DEMO_GROUP_PREFERENCES",
     "DEMO_PROPERTIES",
     "SPLIT_NAMES",
     "SUMMARY_GROUPS",
+    "apply_color_filter",
     "available_personas",
     "bayes_optimal_accuracy",
+    "load_color_filter_preferences",
     "load_demo_preferences",
     "load_persona_preferences",
     "load_summary_preferences",
