@@ -68,7 +68,10 @@ COLORS = {
 BACKGROUNDS = ("gradient", "striped", "checkered", "speckled")
 COUNT_WORDS = ("one", "two", "three", "four")
 # The tints the filters blend towards, and how they shift the red and blue channels.
-_TINTS = {"warm": (np.array([255.0, 170.0, 70.0]), (1.15, 0.85)), "cool": (np.array([70.0, 140.0, 255.0]), (0.85, 1.15))}
+_TINTS = {
+    "warm": (np.array([255.0, 170.0, 70.0]), (1.15, 0.85)),
+    "cool": (np.array([70.0, 140.0, 255.0]), (0.85, 1.15)),
+}
 
 # randomness streams
 _USER_STREAM, _UNSEEN_STREAM = 0, 1
