@@ -2886,32 +2886,13 @@ class PalTextScorer:
         # `max_length` as its processor pads them: a caption's features never depend on the rest of its batch.
         pad_to = self.max_length if model.is_image_model else None
         order = sorted(range(len(texts)), key=lambda index: len(texts[index]))
-        features = torch.empty(len(texts), model.config.hidden_size, dtype=torch.float32)
         device = model.item_head.layers[-1].weight.device
-        was_training = model.training
-        model.eval()
-        batches = range(0, len(order), self.batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="Encoding texts", unit="batch")
-        try:
-            for start in batches:
-                index = order[start : start + self.batch_size]
-                input_ids, attention_mask = pad_token_ids(
-                    self.tokenize([texts[i] for i in index]), pad_token_id or 0, device, length=pad_to
-                )
-                pooled = model.encode(input_ids, attention_mask)
-                if not torch.isfinite(pooled).all():
-                    bad = [index[row] for row in (~torch.isfinite(pooled).all(-1)).nonzero().flatten().tolist()]
-                    raise ValueError(
-                        f"The backbone returned non-finite features (NaN or inf) for texts {bad[:10]} (positions in "
-                        "the list given). Check the backbone's dtype (float16 overflows easily) and weights."
-                    )
-                features[torch.tensor(index)] = pooled.float().cpu()
-        finally:
-            model.train(was_training)
-        return features
+        def encode_batch(index: list[int]) -> torch.Tensor:
+            ids = self.tokenize([texts[i] for i in index])
+            return model.encode(*pad_token_ids(ids, pad_token_id or 0, device, length=pad_to))
+
+        return encode_in_batches(model, order, self.batch_size, encode_batch, "texts", show_progress)
 
     def pair_features(
         self, prompts: Sequence, responses: Sequence, allow_empty: bool = False
@@ -3137,30 +3118,15 @@ class PalImageScorer:
                 distinct = self.encode([images[i] for i in first.values()], show_progress, deduplicate=False)
                 return distinct[[position[key] for key in keys]]
         model = self.model
-        features = torch.empty(len(images), model.config.hidden_size, dtype=torch.float32)
         device = model.item_head.layers[-1].weight.device
-        was_training = model.training
-        model.eval()
-        batches = range(0, len(images), self.batch_size)
-        if show_progress:
-            from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="Encoding images", unit="batch")
-        try:
-            for start in batches:
-                batch = images[start : start + self.batch_size]
-                pixels = self.image_processor(batch, return_tensors="pt")["pixel_values"].to(device)
-                embedded = model.encode_images(pixels)
-                if not torch.isfinite(embedded).all():
-                    bad = (~torch.isfinite(embedded).all(-1)).nonzero().flatten().add(start).tolist()
-                    raise ValueError(
-                        f"The backbone returned non-finite features (NaN or inf) for images {bad[:10]} (positions in "
-                        "the list given). Check the backbone's dtype and weights."
-                    )
-                features[start : start + len(batch)] = embedded.float().cpu()
-        finally:
-            model.train(was_training)
-        return features
+        def encode_batch(index: list[int]) -> torch.Tensor:
+            pixels = self.image_processor([images[i] for i in index], return_tensors="pt")["pixel_values"]
+            return model.encode_images(pixels.to(device))
+
+        return encode_in_batches(
+            model, list(range(len(images))), self.batch_size, encode_batch, "images", show_progress
+        )
 
     def encode_prompts(self, prompts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
         """Caption embeddings `(len(prompts), hidden_size)` from the text tower, float32 on the CPU."""
@@ -3221,6 +3187,36 @@ class PalImageScorer:
         if return_prototype_rewards:
             return rewards, output.prototype_rewards.float().cpu()
         return rewards
+
+
+def encode_in_batches(model, order: list[int], batch_size: int, encode_batch, what: str, show_progress: bool = False):
+    """
+    Features `(len(order), hidden_size)` in float32 on the CPU, row `i` for item `i`: `encode_batch(positions)` on
+    batches of `batch_size` positions taken in `order`, with the model in eval mode (restored after) and a progress bar
+    over batches. A non-finite feature is a `ValueError` naming the positions of the `what` it came from.
+    """
+    features = torch.empty(len(order), model.config.hidden_size, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(order), batch_size)
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"Encoding {what}", unit="batch")
+    try:
+        for start in batches:
+            index = order[start : start + batch_size]
+            pooled = encode_batch(index)
+            if not torch.isfinite(pooled).all():
+                bad = [index[row] for row in (~torch.isfinite(pooled).all(-1)).nonzero().flatten().tolist()]
+                raise ValueError(
+                    f"The backbone returned non-finite features (NaN or inf) for {what} {bad[:10]} (positions in "
+                    "the list given). Check the backbone's dtype (float16 overflows easily) and weights."
+                )
+            features[torch.tensor(index)] = pooled.float().cpu()
+    finally:
+        model.train(was_training)
+    return features
 
 
 def _build_user_registry(user_ids: Sequence[str]) -> dict[str, int]:
