@@ -139,6 +139,40 @@ def test_images_smoke(tmp_path):
     assert 0 < result["images_and_captions_encoded"] <= 2 * sum(sizes.values()) + sum(sizes.values())
 
 
+def test_summary_lore_smoke(tmp_path, capsys):
+    script = load_script("summary")
+    with pytest.raises(SystemExit):  # argparse names the choices
+        script.main(["--protocol", "length"])
+    error = capsys.readouterr().err
+    assert "argument --protocol: invalid choice: 'length'" in error and "lore" in error
+    script.main(
+        ["--protocol", "lore", "--smoke", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")]
+    )
+    result = read(tmp_path, "summary-lore")
+    assert result["protocol"] == "lore" and result["source"] == "fixture" and result["sizes"]["unseen_test"] > 0
+    assert result["command"] == "python examples/benchmarks/summary.py --protocol lore --smoke"
+    assert set(result["models"]) == {"one reward for everyone", "independent head per user", "PAL-A K=2", "PAL-B K=2"}
+    assert all(in_unit_interval(m["seen_accuracy"]) for m in result["models"].values())
+    assert all(in_unit_interval(m["unseen_accuracy"]["3"]) for m in result["models"].values())
+
+
+def test_prism_smoke(tmp_path):
+    load_script("prism").main(["--smoke", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")])
+    result = read(tmp_path, "prism")
+    assert result["source"] == "fixture" and result["users"] == {
+        "train": 8,
+        "validation": 8,
+        "test": 8,
+        "unseen_train": 2,
+        "unseen_test": 2,
+    }
+    assert result["sizes"]["unseen_train"] == 6  # 3 shots for each of the 2 unseen users
+    assert set(result["models"]) == {"one reward for everyone", "independent head per user", "PAL-A K=2", "PAL-B K=2"}
+    for values in result["models"].values():
+        assert in_unit_interval(values["validation_accuracy"]) and in_unit_interval(values["seen_accuracy"])
+        assert in_unit_interval(values["unseen_accuracy"]["3"])
+
+
 def test_speed_smoke(tmp_path):
     load_script("speed").main(["--smoke", "--data_dir", PERSONA_FIXTURE, "--output_dir", str(tmp_path)])
     result = read(tmp_path, "speed")

@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from pal_rm.data import SPLIT_NAMES, SUMMARY_GROUPS, load_summary_preferences
+from pal_rm.data import SPLIT_NAMES, SUMMARY_GROUPS, load_summary_lore_preferences, load_summary_preferences
 
 FIXTURE_DIR = Path(__file__).parent / "fixtures" / "summarize_from_feedback"
 SEEN_BY_RANK = [
@@ -229,3 +229,166 @@ def test_bad_arguments(kwargs, match):
     arguments = {**SMALL, **kwargs}
     with pytest.raises(ValueError, match=match):
         load_summary_preferences(FIXTURE_DIR, **arguments)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRe protocol: the workers' real choices
+
+LORE_DIR = Path(__file__).parent / "fixtures" / "summarize_from_feedback_lore"
+LORE_USERS = {"w_alpha", "w_bravo", "w_charlie", "w_delta", "w_echo", "w_foxtrot", "w_golf", "w_hotel"}
+# usable comparisons per user: (HF train, HF validation) after dropping identical summaries, CNN/DM rows and
+# validation rows on train posts
+LORE_COUNTS = {
+    "w_alpha": (9, 3),
+    "w_bravo": (8, 3),
+    "w_charlie": (7, 3),
+    "w_delta": (6, 3),
+    "w_echo": (6, 3),
+    "w_foxtrot": (5, 3),
+    "w_golf": (4, 2),
+    "w_hotel": (3, 2),
+}
+LORE_SMALL = {"seen_train_comparisons": 5, "unseen_shots": 3}
+
+
+def _lore_rows(split):
+    return [json.loads(line) for line in (LORE_DIR / f"{split}.jsonl").read_text().splitlines()]
+
+
+def _users(dataset, splits):
+    return {user for split in splits for user in dataset[split]["user_id"]}
+
+
+@pytest.fixture(scope="module")
+def lore():
+    return load_summary_lore_preferences(LORE_DIR, **LORE_SMALL, seed=0)
+
+
+def test_lore_users_and_sizes(lore):
+    assert tuple(lore) == SPLIT_NAMES
+    assert lore["train"].column_names == ["user_id", "prompt", "chosen", "rejected", "group", "post_id"]
+    seen, unseen = _users(lore, ("train", "validation", "test")), _users(lore, ("unseen_train", "unseen_test"))
+    assert len(seen) == len(unseen) == 4 and seen | unseen == LORE_USERS  # half of the 8 workers of both splits
+    assert _users(lore, ("train",)) == seen and _users(lore, ("unseen_train",)) == unseen
+    assert set(lore["train"]["group"]) == {-1}
+    for user in seen:  # at most 5 drawn train comparisons (train + validation); every validation comparison in test
+        drawn = lore["train"]["user_id"].count(user) + lore["validation"]["user_id"].count(user)
+        assert drawn == min(LORE_COUNTS[user][0], 5)
+        assert lore["test"]["user_id"].count(user) == LORE_COUNTS[user][1]
+    for user in unseen:
+        assert 1 <= lore["unseen_train"]["user_id"].count(user) <= 3
+        assert lore["unseen_test"]["user_id"].count(user) == LORE_COUNTS[user][1]
+
+
+def test_lore_labels_are_the_workers_choices(lore):
+    sources = {}
+    for split in ("train", "validation"):
+        for row in _lore_rows(split):
+            texts = [s["text"].strip() for s in row["summaries"]]
+            if texts[0] != texts[1]:
+                sources[(row["worker"], row["info"]["id"])] = (texts, row["choice"])
+    for split in SPLIT_NAMES:
+        for row in lore[split].to_list():
+            texts, choice = sources[(row["user_id"], row["post_id"])]
+            assert row["chosen"] == " " + texts[choice] and row["rejected"] == " " + texts[1 - choice]
+            assert row["prompt"].startswith("SUBREDDIT: r/") and row["prompt"].endswith("\nTL;DR:")
+    # no policy filter: ppo, ref and pretrain summaries are kept
+    policies = {s["policy"] for row in _lore_rows("train") for s in row["summaries"]}
+    kept = {post_id for split in ("train", "validation") for post_id in lore[split]["post_id"]}
+    ppo_posts = {r["info"]["id"] for r in _lore_rows("train") if any("ppo" in s["policy"] for s in r["summaries"])}
+    assert {"ref", "ppo_xl_rm4_kl0.05"} <= policies and kept & ppo_posts
+
+
+def test_lore_no_prompt_or_user_leakage(lore):
+    training = {prompt for split in ("train", "unseen_train") for prompt in lore[split]["prompt"]}
+    for split in ("validation", "test", "unseen_test"):
+        assert training.isdisjoint(lore[split]["prompt"]), split
+    assert _users(lore, ("train", "validation", "test")).isdisjoint(_users(lore, ("unseen_train", "unseen_test")))
+    train_ids = {row["info"]["id"] for row in _lore_rows("train")}
+    assert set(lore["test"]["post_id"]) | set(lore["unseen_test"]["post_id"]) <= {
+        row["info"]["id"] for row in _lore_rows("validation")
+    }
+    assert set(lore["train"]["post_id"]) | set(lore["unseen_train"]["post_id"]) <= train_ids
+
+
+def test_lore_dropped_rows_are_counted(caplog):
+    with caplog.at_level(logging.INFO, logger="pal_rm.data.summary"):
+        dataset = load_summary_lore_preferences(LORE_DIR, **LORE_SMALL, seed=0)
+    assert "'identical summaries': 1" in caplog.text
+    assert "'no post': 3" in caplog.text and "'post also in the train split': 1" in caplog.text
+    assert "1 HF-validation comparisons are on posts of the HF train split: dropped." in caplog.text
+    assert not _users(dataset, SPLIT_NAMES) & {"t_only", "v_only", "w_cnn"}
+
+
+def test_lore_validation_split_and_caps():
+    exact = load_summary_lore_preferences(LORE_DIR, validation_fraction=0.0, seed=0)  # LoRe's own defaults: 150 / 50
+    assert exact["validation"].num_rows == 0
+    for user in _users(exact, ("train",)):
+        assert exact["train"]["user_id"].count(user) == LORE_COUNTS[user][0]
+    for user in _users(exact, ("unseen_train",)):
+        assert exact["unseen_train"]["user_id"].count(user) == LORE_COUNTS[user][0]
+    # most posts in validation: posts a user cannot do without move back to training
+    heavy = load_summary_lore_preferences(LORE_DIR, **LORE_SMALL, validation_fraction=0.9, seed=0)
+    assert _users(heavy, ("train",)) == _users(heavy, ("test",))
+    assert _users(heavy, ("unseen_train",)) == _users(heavy, ("unseen_test",))
+    assert set(heavy["train"]["prompt"]).isdisjoint(heavy["validation"]["prompt"])
+    everyone = load_summary_lore_preferences(LORE_DIR, seen_fraction=1.0, seed=0)
+    assert everyone["unseen_train"].num_rows == 0 and _users(everyone, ("train",)) == LORE_USERS
+
+
+def test_lore_deterministic_given_seed(lore):
+    again = load_summary_lore_preferences(LORE_DIR, **LORE_SMALL, seed=0)
+    for split in SPLIT_NAMES:
+        assert again[split].to_dict() == lore[split].to_dict()
+    other = load_summary_lore_preferences(LORE_DIR, **LORE_SMALL, seed=1)
+    assert any(other[split].to_dict() != lore[split].to_dict() for split in SPLIT_NAMES)
+
+
+def test_lore_sources(lore, tmp_path, monkeypatch):
+    dataset_dict = datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(_lore_rows(split)) for split in ("train", "validation")}
+    )
+    dataset_dict.save_to_disk(tmp_path / "saved")
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        return dataset_dict
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    for loaded in (
+        load_summary_lore_preferences(tmp_path / "saved", **LORE_SMALL, seed=0),
+        load_summary_lore_preferences(**LORE_SMALL, seed=0),
+    ):
+        for split in SPLIT_NAMES:
+            assert loaded[split].to_dict() == lore[split].to_dict()
+    assert calls == [("openai/summarize_from_feedback", "comparisons")]
+    datasets.DatasetDict({split: dataset_dict[split].remove_columns("choice") for split in dataset_dict}).save_to_disk(
+        tmp_path / "no_choice"
+    )
+    with pytest.raises(ValueError, match=r"no \['choice'\] column"):
+        load_summary_lore_preferences(tmp_path / "no_choice")
+    rows = _lore_rows("train")
+    rows[3]["choice"] = 2
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    shutil.copy(LORE_DIR / "validation.jsonl", tmp_path / "validation.jsonl")
+    with pytest.raises(ValueError, match=r"Row 3 of the 'train' split: `choice` .* must be 0 or 1, got 2"):
+        load_summary_lore_preferences(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seen_fraction": 0.0}, "seen_fraction"),
+        ({"seen_fraction": 1.5}, "seen_fraction"),
+        ({"seen_fraction": 0.1}, "8 workers have .* leaves no seen user"),
+        ({"min_test_comparisons": 4}, "0 workers have >= 1 train and >= 4 validation"),
+        ({"seen_train_comparisons": 0}, "seen_train_comparisons.*>= 1"),
+        ({"unseen_shots": 0}, "unseen_shots.*>= 1"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_lore_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        load_summary_lore_preferences(LORE_DIR, **kwargs)

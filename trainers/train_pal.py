@@ -64,7 +64,7 @@ from pal_rm.utils import MINILM, resolve_model_path
 
 logger = logging.get_logger(__name__)
 
-BUILTIN_DATASETS = ("demo", "persona", "summary")
+BUILTIN_DATASETS = ("demo", "persona", "summary", "summary_lore", "prism")
 # Local data files and the `datasets` builder that reads them.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -77,7 +77,8 @@ class PalScriptArguments:
     dataset_name: str = field(
         default="demo",
         metadata={
-            "help": "A loader of `pal_rm.data` ('demo' (built-in, offline), 'persona' or 'summary'), or your own TRL "
+            "help": "A loader of `pal_rm.data` ('demo' (built-in, offline), 'persona', 'summary' (Li et al. protocol), "
+            "'summary_lore' (LoRe protocol) or 'prism'), or your own TRL "
             "preference dataset with a user column: a Hub id, a local folder (one split per data file, named after "
             "the file: train.jsonl, validation.jsonl, test.jsonl, ...; or a `save_to_disk` folder), or local "
             ".jsonl/.json/.parquet/.csv files (one file: the train split; several, comma-separated: one split each, "
@@ -90,7 +91,8 @@ class PalScriptArguments:
     dataset_path: str | None = field(
         default=None,
         metadata={
-            "help": "Data location for the loader: the persona jsonl folder, or the summary source (Hub id/path)."
+            "help": "Data location for the loader: the persona jsonl folder, or the summary or PRISM source (Hub id or "
+            "local copy)."
         },
     )
     dataset_kwargs: dict[str, Any] | str | None = field(
@@ -193,6 +195,12 @@ def load_preference_dataset(script_args: PalScriptArguments) -> DatasetDict:
     if name == "summary":
         source = script_args.dataset_path or "openai/summarize_from_feedback"
         return data.load_summary_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
+    if name == "summary_lore":
+        source = script_args.dataset_path or "openai/summarize_from_feedback"
+        return data.load_summary_lore_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
+    if name == "prism":
+        source = script_args.dataset_path or "HannahRoseKirk/prism-alignment"
+        return data.load_prism_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
     return load_own_dataset(name, script_args.dataset_config, kwargs)
 
 

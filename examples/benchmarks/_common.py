@@ -197,6 +197,30 @@ def independent_results(dataset, shots=SHOTS, l2_grid=INDEPENDENT_L2_GRID) -> di
     }
 
 
+def feature_models(features, arguments, head_kwargs, shots, seed, num_prototypes=2, num_groups=None) -> dict:
+    """
+    The rows of the public-benchmark tables (Reddit TL;DR, PRISM), all trained on the same frozen-backbone features:
+    one reward for everyone, one independent head per user, the per-group oracle (only when the users belong to
+    `num_groups` known groups) and PAL-A / PAL-B with `num_prototypes` prototypes. `arguments(name)` gives each run's
+    `PalRewardConfig`.
+    """
+    feature_dim = len(features["train"][0]["chosen_features"])
+    models = {
+        "one reward for everyone": one_reward_results(features, feature_dim, arguments("bt"), head_kwargs, shots),
+        "independent head per user": independent_results(features, shots),
+    }
+    if num_groups:
+        models["per-group oracle"] = oracle_results(
+            features, feature_dim, num_groups, arguments("oracle"), head_kwargs
+        )
+    for variant in ("a", "b"):
+        set_seed(seed)
+        model = pal_model(feature_dim, variant, num_prototypes, **head_kwargs)
+        trainer = train(model, features, arguments(f"pal-{variant}"))
+        models[f"PAL-{variant.upper()} K={num_prototypes}"] = pal_results(trainer, features, shots)
+    return models
+
+
 def select_by_validation(models: dict[str, dict]) -> str:
     """The name of the model with the best seen-user validation accuracy (first one on ties)."""
     return max(models, key=lambda name: models[name]["validation_accuracy"])

@@ -7,7 +7,8 @@ from ._common import SPLIT_NAMES
 from .color_filter import COLOR_FILTER_GROUPS, apply_color_filter, load_color_filter_preferences
 from .demo import DEMO_GROUP_PREFERENCES, DEMO_PROPERTIES, load_demo_preferences
 from .persona import DEFAULT_PERSONAS, available_personas, load_persona_preferences
-from .summary import SUMMARY_GROUPS, load_summary_preferences
+from .prism import load_prism_preferences
+from .summary import SUMMARY_GROUPS, load_summary_lore_preferences, load_summary_preferences
 from .synthetic import bayes_optimal_accuracy, load_synthetic_preferences
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "load_color_filter_preferences",
     "load_demo_preferences",
     "load_persona_preferences",
+    "load_prism_preferences",
+    "load_summary_lore_preferences",
     "load_summary_preferences",
     "load_synthetic_preferences",
 ]

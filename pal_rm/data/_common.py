@@ -1,11 +1,14 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
 """Helpers shared by the preference loaders: split names, argument checks, seeded generators, the simulation of seen
-and unseen users, and the assembly of the returned `datasets.DatasetDict`. Private: the public surface is in
-`pal_rm.data`."""
+and unseen users, reading local copies of Hub datasets, and the assembly of the returned `datasets.DatasetDict`.
+Private: the public surface is in `pal_rm.data`."""
 
 from __future__ import annotations
 
+import glob
+import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +180,52 @@ def simulate_users(
     seen = [user(SEEN_USER_ID_FORMAT, seen_stream, index, group) for index, group in enumerate(seen_groups)]
     unseen = [user(UNSEEN_USER_ID_FORMAT, unseen_stream, index, group) for index, group in enumerate(unseen_groups)]
     return seen, unseen
+
+
+DATA_FILE_EXTENSIONS = ("jsonl", "json", "parquet")
+"""Local data files the Hub-dataset loaders read, in order of preference."""
+
+
+def looks_like_local_path(source: str) -> bool:
+    """Whether `source` is meant as a local path (and not a Hub id) even if nothing exists there."""
+    return source.startswith(("/", "./", "../", "~", "\\")) or os.path.splitdrive(source)[0] != ""
+
+
+def data_files(folder: str, name: str) -> list[str]:
+    """The files of `folder` that hold the data called `name` (a split or a configuration): `name.jsonl`,
+    `name-*.parquet`, `name/*.parquet`, ... for the first extension of `DATA_FILE_EXTENSIONS` that has any, sorted."""
+    for extension in DATA_FILE_EXTENSIONS:
+        patterns = (f"{name}.{extension}", f"{name}-*.{extension}", os.path.join(name, f"*.{extension}"))
+        files = sorted(path for pattern in patterns for path in glob.glob(os.path.join(folder, pattern)))
+        if files:
+            return files
+    return []
+
+
+def read_json_records(path: str) -> list[dict]:
+    """The records of a JSON array file or a JSON-lines file; invalid JSON is an error naming the file and line."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error.msg}).") from None
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from None
+    return rows
+
+
+def read_data_files(files: Sequence[str]) -> list[dict]:
+    """The records of parquet files (read with `datasets`) or of json/jsonl files, in file order."""
+    if files and files[0].endswith(".parquet"):
+        return Dataset.from_parquet(list(files)).to_list()
+    return [row for path in files for row in read_json_records(path)]
 
 
 def empty_rows() -> dict[str, list[dict]]:

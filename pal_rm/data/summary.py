@@ -1,5 +1,7 @@
 # Copyright 2026 The pal-rm authors. Licensed under the Apache License, Version 2.0.
-"""Reddit TL;DR summary preferences with the semi-synthetic protocol of Li et al. (2024) used by PAL.
+"""Reddit TL;DR summary preferences, with two protocols: the semi-synthetic protocol of Li et al. (2024) used by PAL
+(`load_summary_preferences`: labels from a length rule) and the protocol of LoRe (Bose et al. 2025,
+`load_summary_lore_preferences`: labels are the workers' real choices).
 
 Source: `openai/summarize_from_feedback`, config `"comparisons"` (splits `train` and `validation`; each row has
 `info` {id, post, title, subreddit, site, article}, `summaries` [{text, policy, note}, {text, policy, note}],
@@ -7,7 +9,7 @@ Source: `openai/summarize_from_feedback`, config `"comparisons"` (splits `train`
 `DatasetDict.save_to_disk`, or from a folder of per-split files (`train.jsonl`, `validation.jsonl`, `.json` or
 `.parquet`, also sharded as `train-*.parquet` or `train/*.parquet`).
 
-Protocol (the rules as implemented):
+Li et al. protocol (`load_summary_preferences`; the rules as implemented):
 
 1. Policy filter: keep a comparison iff both summaries' `policy` strings contain `"sup"` and neither contains
    `"ppo"` (case-sensitive substrings, as in the PAL reference code). So `"sup4_6b_t0.7"` vs `"sup2"` is kept;
@@ -39,12 +41,46 @@ Expected sizes on the full data: the PAL paper reports 20,969 `train` / 2,330 `v
 comparisons, which the PAL reference code gets with ties kept (`drop_ties=False`); the default `drop_ties=True`
 gives slightly fewer. The unseen users are the validation-split workers outside the top 10 with >= 100 comparisons
 (a few dozen workers).
+
+LoRe protocol (`load_summary_lore_preferences`). Bose, Xiong, Chi, Du, Xiao, Fazel, "LoRe: Personalizing LLMs via
+Low-Rank Reward Modeling" (2025). Verified in the authors' reference code (facebookresearch/LoRe, commit b5cf508,
+files `RedditTLDR/prepare.py`, `train_basis.py`, `vary_fewshot.py`; unchanged at the newest commit 6f93990); the
+paper's own text could not be read here:
+
+- [LoRe] every comparison of both HF splits is used, without policy filter; the label is the worker's own `choice`:
+  `chosen = summaries[choice]`, `rejected` the other summary.
+- [LoRe] users are the workers with comparisons in both HF splits; a seeded random half of them (rounded down) are the
+  seen users, the rest the unseen users (`seen_fraction`).
+- [LoRe] a seen user trains on at most 150 of their HF-train comparisons, drawn at random
+  (`seen_train_comparisons`), and is tested on all of their HF-validation comparisons (`test`).
+- [LoRe] an unseen user is fitted on at most 50 of their HF-train comparisons, drawn at random (`unseen_shots`;
+  `vary_fewshot.py` draws 5, 10, ..., 50 shots from a pool of 100), and tested on all of their HF-validation
+  comparisons (`unseen_test`).
+
+Our choices, where LoRe's code has no rule or one that cannot be reproduced:
+
+- Comparisons without a Reddit post (the CNN/DM rows of the HF validation split) or with an empty summary are dropped
+  and counted, as in the Li protocol, and so are pairs of identical summaries; LoRe's code keeps them (with a `None`
+  post). The prompt and response texts are formatted as in the Li protocol.
+- Eligibility thresholds `min_train_comparisons` and `min_test_comparisons` on the comparisons kept (default 1: the
+  worker appears in both splits, as in LoRe). LoRe's code also drops, in each HF split, the two workers with the fewest comparisons before
+  matching the splits; that is not reproduced.
+- The seen/unseen draw is a seeded permutation of the eligible workers sorted by id (LoRe shuffles a Python `set`,
+  whose order depends on `PYTHONHASHSEED`, so its partition cannot be reproduced exactly).
+- LoRe has no validation split. Here a seeded `validation_fraction` (0.1) of the distinct HF-train posts are
+  validation posts: a seen user's drawn comparisons on them form `validation`, the others `train`, so no post is in
+  both (0 gives LoRe's training data). Validation posts are moved back to training where a user would otherwise have
+  no training comparison. The unseen users' few-shot comparisons are drawn among their comparisons on the other
+  posts. HF-validation comparisons on a post that also occurs in the HF train split are dropped and counted (none
+  are expected: the HF splits hold different TL;DR posts), so test posts never occur in training.
+
+Expected sizes on the full data: not computed here (no network). The source has 92,858 train and 86,086 validation
+comparisons (about 2.3k of the latter are CNN/DM articles, dropped); `train` + `validation` hold at most 150
+comparisons per seen user and `unseen_train` at most 50 per unseen user.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -61,7 +97,10 @@ from ._common import (
     check_fractions,
     check_int,
     check_seed,
+    data_files,
     empty_rows,
+    looks_like_local_path,
+    read_data_files,
     rng_for,
     round_half_up,
 )
@@ -72,71 +111,38 @@ SUMMARY_SOURCE = "openai/summarize_from_feedback"
 SUMMARY_GROUPS = {0: "prefers the longer summary (majority)", 1: "prefers the shorter summary (minority)"}
 LENGTH_UNITS = ("characters", "words")
 _SOURCE_SPLITS = ("train", "validation")
-_FILE_EXTENSIONS = ("jsonl", "json", "parquet")
+_LI_COLUMNS = ("info", "summaries", "worker")
+_LORE_COLUMNS = ("info", "summaries", "worker", "choice")
 
 # randomness streams
 _VALIDATION_STREAM, _UNSEEN_ASSIGNMENT_STREAM, _UNSEEN_SHOTS_STREAM = 0, 1, 2
+_LORE_USER_STREAM, _LORE_VALIDATION_STREAM, _LORE_SEEN_STREAM, _LORE_UNSEEN_STREAM = 3, 4, 5, 6
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # reading
 
 
-def _looks_like_local_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~", "\\")) or os.path.splitdrive(source)[0] != ""
-
-
-def _split_files(folder: str, split: str) -> list[str]:
-    for extension in _FILE_EXTENSIONS:
-        patterns = (f"{split}.{extension}", f"{split}-*.{extension}", os.path.join(split, f"*.{extension}"))
-        files = sorted(path for pattern in patterns for path in glob.glob(os.path.join(folder, pattern)))
-        if files:
-            return files
-    return []
-
-
-def _read_json_file(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    if text.lstrip().startswith("["):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error.msg}).") from None
-    rows = []
-    for line_number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error.msg}).") from None
-    return rows
-
-
 def _read_local_files(folder: str) -> dict[str, list[dict]]:
     rows = {}
     for split in _SOURCE_SPLITS:
-        files = _split_files(folder, split)
+        files = data_files(folder, split)
         if not files:
             raise ValueError(
                 f"{folder!r} has no files for the {split!r} split. Expected a folder written by "
                 f"`DatasetDict.save_to_disk`, or per-split files such as `{split}.jsonl`, `{split}.parquet`, "
                 f"`{split}-*.parquet` or `{split}/*.parquet`."
             )
-        if files[0].endswith(".parquet"):
-            rows[split] = datasets.Dataset.from_parquet(files).to_list()
-        else:
-            rows[split] = [row for path in files for row in _read_json_file(path)]
+        rows[split] = read_data_files(files)
     return rows
 
 
-def _rows_from_dataset_dict(dataset_dict: Any, where: str) -> dict[str, list[dict]]:
+def _rows_from_dataset_dict(dataset_dict: Any, where: str, columns: Sequence[str]) -> dict[str, list[dict]]:
     if not isinstance(dataset_dict, DatasetDict):
         raise ValueError(f"{where} is not a DatasetDict with `train` and `validation` splits.")
     missing = [split for split in _SOURCE_SPLITS if split not in dataset_dict]
     if missing:
         raise ValueError(f"{where} has no {missing} split(s); found {list(dataset_dict)}.")
-    columns = ["info", "summaries", "worker"]
     rows = {}
     for split in _SOURCE_SPLITS:
         absent = [name for name in columns if name not in dataset_dict[split].column_names]
@@ -145,30 +151,32 @@ def _rows_from_dataset_dict(dataset_dict: Any, where: str) -> dict[str, list[dic
                 f"The {split!r} split of {where} has no {absent} column(s): is it the `comparisons` config of "
                 f"{SUMMARY_SOURCE}?"
             )
-        rows[split] = dataset_dict[split].select_columns(columns).to_list()
+        rows[split] = dataset_dict[split].select_columns(list(columns)).to_list()
     return rows
 
 
-def _read_source(source: str | os.PathLike) -> dict[str, list[dict]]:
+def _read_source(source: str | os.PathLike, columns: Sequence[str] = _LI_COLUMNS) -> dict[str, list[dict]]:
+    """The rows of the `train` and `validation` splits; from a Hub dataset or a `save_to_disk` folder only `columns`
+    are read."""
     source = os.fspath(source)
     if os.path.isdir(source):
         if os.path.isfile(os.path.join(source, "dataset_dict.json")):
-            return _rows_from_dataset_dict(datasets.load_from_disk(source), repr(source))
+            return _rows_from_dataset_dict(datasets.load_from_disk(source), repr(source), columns)
         return _read_local_files(source)
-    if os.path.exists(source) or _looks_like_local_path(source):
+    if os.path.exists(source) or looks_like_local_path(source):
         raise ValueError(
             f"`source` {source!r} is not a directory: pass a Hub dataset id (default {SUMMARY_SOURCE!r}), a folder "
             "written by `DatasetDict.save_to_disk`, or a folder of per-split json/jsonl/parquet files."
         )
     logger.info(f"Loading {source!r} (config 'comparisons') with datasets.load_dataset.")
-    return _rows_from_dataset_dict(datasets.load_dataset(source, "comparisons"), repr(source))
+    return _rows_from_dataset_dict(datasets.load_dataset(source, "comparisons"), repr(source), columns)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # row checks and protocol
 
 
-def _checked(row: Any, split: str, index: int) -> tuple[dict, list[dict], str]:
+def _checked(row: Any, split: str, index: int, with_choice: bool = False) -> tuple[dict, list[dict], str, int | None]:
     where = f"Row {index} of the {split!r} split"
     if not isinstance(row, dict):
         raise ValueError(f"{where} is a {type(row).__name__}, expected a dict with `info`, `summaries` and `worker`.")
@@ -188,19 +196,28 @@ def _checked(row: Any, split: str, index: int) -> tuple[dict, list[dict], str]:
             raise ValueError(f"{where}: `summaries[{position}]['text']` must be a string, got {summary['text']!r}.")
     if not isinstance(worker, str) or not worker:
         raise ValueError(f"{where} has no `worker` id (a non-empty string), got {worker!r}.")
-    return info, summaries, worker
+    choice = None
+    if with_choice:
+        choice = row.get("choice")
+        if isinstance(choice, bool) or choice not in (0, 1):
+            raise ValueError(
+                f"{where}: `choice` (the index of the summary the worker preferred) must be 0 or 1, got {choice!r}."
+            )
+    return info, summaries, worker, choice
 
 
 def _keeps_policy(summaries: Sequence[dict]) -> bool:
     return all("sup" in s["policy"] and "ppo" not in s["policy"] for s in summaries)
 
 
-def _usable(split: str, rows: list[dict]) -> tuple[list[dict], Counter]:
-    """Apply the policy filter and drop comparisons without post or summary text; return the kept rows."""
+def _usable(split: str, rows: list[dict], policy_filter: bool = True, real_choices: bool = False):
+    """The comparisons kept, as dicts with `worker`, `prompt`, `texts`, `post_id` (and `choice` with
+    `real_choices`), and the counts of those dropped, by reason. `policy_filter`: the Li et al. policy filter (rule 1);
+    `real_choices`: read the worker's `choice` and drop pairs of identical summaries (which no choice can order)."""
     kept, dropped = [], Counter()
     for index, row in enumerate(rows):
-        info, summaries, worker = _checked(row, split, index)
-        if not _keeps_policy(summaries):
+        info, summaries, worker, choice = _checked(row, split, index, with_choice=real_choices)
+        if policy_filter and not _keeps_policy(summaries):
             dropped["policy"] += 1
             continue
         post = info.get("post")
@@ -211,15 +228,24 @@ def _usable(split: str, rows: list[dict]) -> tuple[list[dict], Counter]:
         if not all(texts):
             dropped["empty summary"] += 1
             continue
+        if real_choices and texts[0] == texts[1]:
+            dropped["identical summaries"] += 1
+            continue
         prompt_lines = []
         if info.get("subreddit"):
             prompt_lines.append(f"SUBREDDIT: r/{info['subreddit']}")
         if info.get("title"):
             prompt_lines.append(f"TITLE: {info['title'].strip()}")
         prompt_lines += [f"POST: {post.strip()}", "TL;DR:"]
-        kept.append(
-            {"worker": worker, "prompt": "\n".join(prompt_lines), "texts": texts, "post_id": str(info.get("id") or "")}
-        )
+        usable = {
+            "worker": worker,
+            "prompt": "\n".join(prompt_lines),
+            "texts": texts,
+            "post_id": str(info.get("id") or ""),
+        }
+        if real_choices:
+            usable["choice"] = choice
+        kept.append(usable)
     return kept, dropped
 
 
@@ -271,6 +297,12 @@ def _features() -> Features:
     features["post_id"] = Value("string")
     features["chosen_length"] = Value("int64")
     features["rejected_length"] = Value("int64")
+    return Features(features)
+
+
+def _lore_features() -> Features:
+    features = dict(TEXT_FEATURES)
+    features["post_id"] = Value("string")
     return Features(features)
 
 
@@ -429,3 +461,147 @@ def load_summary_preferences(
         + "."
     )
     return build_dataset_dict(rows, _features())
+
+
+def _lore_row(row: dict) -> dict:
+    """A comparison as the preference row of its worker, labelled by the worker's own `choice`."""
+    chosen = row["choice"]
+    return {
+        "user_id": row["worker"],
+        "prompt": row["prompt"],
+        "chosen": " " + row["texts"][chosen],
+        "rejected": " " + row["texts"][1 - chosen],
+        "group": -1,
+        "post_id": row["post_id"],
+    }
+
+
+def load_summary_lore_preferences(
+    source: str | os.PathLike = SUMMARY_SOURCE,
+    seen_fraction: float = 0.5,
+    seen_train_comparisons: int = 150,
+    unseen_shots: int = 50,
+    min_train_comparisons: int = 1,
+    min_test_comparisons: int = 1,
+    validation_fraction: float = 0.1,
+    seed: int = 0,
+) -> DatasetDict:
+    """Build the Reddit TL;DR personalized preference dataset with the LoRe protocol: the workers' real choices
+    (rules in the module docstring, section "LoRe protocol").
+
+    Args:
+        source (`str` or `os.PathLike`, defaults to `"openai/summarize_from_feedback"`): as for
+            `load_summary_preferences` (the rows also need `choice`).
+        seen_fraction (`float`, defaults to 0.5): share of the eligible workers drawn (seeded) as seen users, rounded
+            down (LoRe: half).
+        seen_train_comparisons (`int`, defaults to 150): most comparisons drawn (seeded) per seen user from the HF
+            `train` split (LoRe: 150); the validation comparisons come out of these.
+        unseen_shots (`int`, defaults to 50): most few-shot comparisons per unseen user in `unseen_train`, drawn from
+            the HF `train` split (LoRe: 50; its few-shot study draws 5 to 50 from 100).
+        min_train_comparisons (`int`, defaults to 1): fewest usable HF-train comparisons of an eligible worker.
+        min_test_comparisons (`int`, defaults to 1): fewest usable HF-validation comparisons of an eligible worker.
+        validation_fraction (`float`, defaults to 0.1): share of the HF-train posts whose comparisons go to
+            `validation` (seen users) instead of `train`; 0 gives LoRe's training data exactly (LoRe has no
+            validation split).
+        seed (`int`, defaults to 0): the output is a deterministic function of the arguments and the source.
+
+    Returns:
+        `datasets.DatasetDict` with splits `train`, `validation`, `test`, `unseen_train`, `unseen_test` and columns
+        `user_id` (the worker id), `prompt`, `chosen`, `rejected` (the worker's choice first), `group` (-1: no groups)
+        and `post_id` (`info.id`).
+
+    Example:
+
+    ```python
+    >>> from pal_rm.data import load_summary_lore_preferences
+    >>> dataset = load_summary_lore_preferences()  # doctest: +SKIP
+    ```
+    """
+    if (
+        isinstance(seen_fraction, bool)
+        or not isinstance(seen_fraction, (int, float, np.number))
+        or not 0 < seen_fraction <= 1
+    ):
+        raise ValueError(f"`seen_fraction` must be a number in (0, 1], got {seen_fraction!r}.")
+    seen_train_comparisons = check_int("seen_train_comparisons", seen_train_comparisons, minimum=1)
+    unseen_shots = check_int("unseen_shots", unseen_shots, minimum=1)
+    min_train_comparisons = check_int("min_train_comparisons", min_train_comparisons, minimum=1)
+    min_test_comparisons = check_int("min_test_comparisons", min_test_comparisons, minimum=1)
+    check_fractions(validation_fraction)
+    seed = check_seed(seed)
+
+    source_rows = _read_source(source, _LORE_COLUMNS)
+    usable, dropped = {}, {}
+    for split in _SOURCE_SPLITS:
+        usable[split], dropped[split] = _usable(split, source_rows[split], policy_filter=False, real_choices=True)
+    # keep test posts out of training (none expected: the two HF splits hold different posts)
+    train_prompts = {row["prompt"] for row in usable["train"]}
+    shared = sum(row["prompt"] in train_prompts for row in usable["validation"])
+    if shared:
+        dropped["validation"]["post also in the train split"] += shared
+        logger.warning(f"{shared} HF-validation comparisons are on posts of the HF train split: dropped.")
+        usable["validation"] = [row for row in usable["validation"] if row["prompt"] not in train_prompts]
+    for split in _SOURCE_SPLITS:
+        logger.info(
+            f"summarize_from_feedback {split!r}: kept {len(usable[split])} of {len(source_rows[split])} comparisons "
+            f"(dropped: {dict(dropped[split]) or 'none'})."
+        )
+    by_worker = {split: _by_worker(usable[split]) for split in _SOURCE_SPLITS}
+
+    # users: the workers of both splits, half of them (seeded) seen
+    eligible = sorted(
+        worker
+        for worker, rows in by_worker["train"].items()
+        if len(rows) >= min_train_comparisons and len(by_worker["validation"].get(worker, ())) >= min_test_comparisons
+    )
+    num_seen = int(len(eligible) * seen_fraction)
+    if num_seen == 0:
+        raise ValueError(
+            f"{len(eligible)} workers have >= {min_train_comparisons} train and >= {min_test_comparisons} validation "
+            f"comparisons, so seen_fraction={seen_fraction} leaves no seen user: lower the thresholds, raise "
+            "`seen_fraction` or check `source`."
+        )
+    order = rng_for(seed, _LORE_USER_STREAM).permutation(len(eligible))
+    seen = sorted(eligible[i] for i in order[:num_seen])
+    unseen = sorted(eligible[i] for i in order[num_seen:])
+    if not unseen:
+        logger.warning(
+            f"seen_fraction={seen_fraction} makes every eligible worker a seen user: the unseen splits are empty."
+        )
+    index = {worker: position for position, worker in enumerate(eligible)}  # each worker's own random stream
+
+    # validation posts: a seeded share of the HF-train posts, except those a user cannot do without
+    prompts = sorted(train_prompts)
+    permutation = rng_for(seed, _LORE_VALIDATION_STREAM).permutation(len(prompts))
+    validation_prompts = {prompts[i] for i in permutation[: round_half_up(len(prompts) * validation_fraction)]}
+    selected = {}
+    for worker in seen:
+        rows = by_worker["train"][worker]
+        draw = rng_for(seed, _LORE_SEEN_STREAM, index[worker]).permutation(len(rows))[:seen_train_comparisons]
+        selected[worker] = [rows[i] for i in draw]
+    rescued = set()
+    for rows in [*selected.values(), *(by_worker["train"][worker] for worker in unseen)]:
+        if all(row["prompt"] in validation_prompts for row in rows):
+            rescued |= {row["prompt"] for row in rows}
+    if rescued:
+        logger.info(f"{len(rescued)} validation posts moved back to training: some user had no other training post.")
+    validation_prompts -= rescued
+
+    rows = empty_rows()
+    for worker in seen:
+        for row in selected[worker]:
+            rows["validation" if row["prompt"] in validation_prompts else "train"].append(_lore_row(row))
+        rows["test"] += [_lore_row(row) for row in by_worker["validation"][worker]]
+    for worker in unseen:
+        candidates = [row for row in by_worker["train"][worker] if row["prompt"] not in validation_prompts]
+        draw = rng_for(seed, _LORE_UNSEEN_STREAM, index[worker]).permutation(len(candidates))[:unseen_shots]
+        rows["unseen_train"] += [_lore_row(candidates[i]) for i in draw]
+        rows["unseen_test"] += [_lore_row(row) for row in by_worker["validation"][worker]]
+
+    logger.info(
+        f"Summary preferences (LoRe protocol): {len(eligible)} eligible workers, {len(seen)} seen, {len(unseen)} "
+        f"unseen; {len(validation_prompts)} of {len(prompts)} train posts in validation; sizes "
+        + ", ".join(f"{split} {len(split_rows)}" for split, split_rows in rows.items())
+        + "."
+    )
+    return build_dataset_dict(rows, _lore_features())
