@@ -5,6 +5,7 @@ Baselines PAL is measured against, trained on the same features and data:
 - one reward for everyone: plain Bradley-Terry, a single reward head (`one_reward_model`; trained with
   `PalRewardTrainer`, it is what TRL's `RewardTrainer` fits on a frozen backbone);
 - one independent reward head per user, nothing shared (`IndependentRewardHeads`);
+- LoRe's low-rank reward basis with unconstrained per-user weights (`LowRankRewardBasis`; Bose et al. 2025);
 - a per-group oracle: PAL whose user mixtures are fixed to the true group labels (or true mixture weights), so the
   shared maps are fitted on all of each group's data (`fix_user_mixtures`; an upper reference, not a competitor).
 """
@@ -59,6 +60,18 @@ def fix_user_mixtures(model: PalRewardModel, user_ids: Sequence[str], weights, f
     model.user_weights.requires_grad_(False)
 
 
+def feature_differences(dataset) -> tuple[torch.Tensor, list[str]]:
+    """`phi(chosen) - phi(rejected)` `(num_pairs, D)` of a featurized split, and the user of each comparison."""
+    for column in ("chosen_features", "rejected_features", "user_id"):
+        if column not in dataset.column_names:
+            raise ValueError(f"The dataset has no {column!r} column; featurize it first (`featurize_preferences`).")
+    arrays = dataset.with_format("numpy", columns=["chosen_features", "rejected_features"])[:]
+    difference = (
+        torch.from_numpy(arrays["chosen_features"]).float() - torch.from_numpy(arrays["rejected_features"]).float()
+    )
+    return difference, list(dataset["user_id"])
+
+
 class IndependentRewardHeads:
     """
     One linear reward per user on frozen features, `r_u(x) = <w_u, phi(x)>`, nothing shared between users: each
@@ -75,22 +88,9 @@ class IndependentRewardHeads:
         self.user_ids: list[str] = []
         self.weights: torch.Tensor | None = None
 
-    @staticmethod
-    def _tensors(dataset) -> tuple[torch.Tensor, list[str]]:
-        for column in ("chosen_features", "rejected_features", "user_id"):
-            if column not in dataset.column_names:
-                raise ValueError(
-                    f"The dataset has no {column!r} column; featurize it first (`featurize_preferences`)."
-                )
-        arrays = dataset.with_format("numpy", columns=["chosen_features", "rejected_features"])[:]
-        difference = (
-            torch.from_numpy(arrays["chosen_features"]).float() - torch.from_numpy(arrays["rejected_features"]).float()
-        )
-        return difference, list(dataset["user_id"])
-
     def fit(self, dataset) -> "IndependentRewardHeads":
         """Fits one head per user of `dataset` (users already fitted are refitted from scratch)."""
-        difference, users = self._tensors(dataset)
+        difference, users = feature_differences(dataset)
         self.user_ids = list(dict.fromkeys(users))
         position = {user: i for i, user in enumerate(self.user_ids)}
         index = torch.tensor([position[user] for user in users])
@@ -112,7 +112,7 @@ class IndependentRewardHeads:
         """`r(chosen) - r(rejected)` of each comparison of `dataset` for its user's head, and its user."""
         if self.weights is None:
             raise ValueError("Call `fit` first.")
-        difference, users = self._tensors(dataset)
+        difference, users = feature_differences(dataset)
         unknown = sorted(set(users) - set(self.user_ids))
         if unknown:
             raise ValueError(f"No head for users {unknown[:3]} (fit them first: each user needs comparisons).")
@@ -131,4 +131,106 @@ class IndependentRewardHeads:
         return personalized_preference_metrics(differences.numpy(), users)["accuracy"]
 
 
-__all__ = ["IndependentRewardHeads", "fix_user_mixtures", "one_reward_model"]
+class LowRankRewardBasis:
+    """
+    LoRe (Bose et al., *LoRe: Personalizing LLMs via Low-Rank Reward Modeling*, 2025) on frozen features: K shared
+    basis rewards `r_k(x) = <b_k, phi(x)>` (the rows of `B`, `(K, D)`) and, for each user, unconstrained weights
+    `w_u` in R^K, so that `r_u(x) = w_u^T B phi(x)`. Seen users: `B` and every `w_u` are fitted jointly by the
+    Bradley-Terry loss (each user's mean over their comparisons, summed over users) with the penalty
+    `l2 * (||B||_F^2 + ||W||_F^2)`, which for a product `W B` is the low-rank (nuclear-norm) penalty LoRe's
+    formulation rests on. New users ([`fit_new_users`]): `B` frozen, each `w_u` fitted alone on their few
+    comparisons with the penalty `l2 * ||w_u||^2` (a convex problem in K numbers). Full-batch Adam.
+
+    Relation to PAL-A with the `dot` similarity: PAL-A's reward is `<f(phi(x)), sum_k a_uk p_k> = sum_k a_uk
+    <f(phi(x)), p_k>`; with a linear item map `f(phi) = F phi` (`head_hidden_dims=[]`), `<F phi, p_k> = <F^T p_k, phi>`,
+    so PAL-A-dot is this model with basis `b_k = F^T p_k` and weights `a_u = softmax(z_u / tau)` restricted to the
+    simplex. LoRe's weights are free (a user may weigh a basis reward negatively, or by more than 1), PAL's are a convex
+    combination (every user's ideal point lies in the prototypes' hull). What was checked against the LoRe code: the
+    bilinear form with a shared linear basis over frozen embeddings and unconstrained per-user weights, and few-shot
+    users fitted on the frozen basis; the regularisation and the optimiser here are this implementation's choices.
+
+    Args:
+        rank (`int`): number K of basis rewards.
+        l2 (`float`): strength of the penalty.
+        steps (`int`), learning_rate (`float`): full-batch Adam steps and learning rate (seen users and new users).
+        seed (`int`): seed of the initialisation.
+    """
+
+    def __init__(self, rank: int = 4, l2: float = 0.01, steps: int = 300, learning_rate: float = 0.05, seed: int = 0):
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"`rank` must be an integer >= 1, got {rank!r}.")
+        self.rank, self.l2, self.steps, self.learning_rate, self.seed = rank, l2, steps, learning_rate, seed
+        self.basis: torch.Tensor | None = None
+        self.user_ids: list[str] = []
+        self.weights: torch.Tensor | None = None
+
+    def _fit(self, dataset, fit_basis: bool) -> tuple[list[str], torch.Tensor]:
+        difference, users = feature_differences(dataset)
+        user_ids = list(dict.fromkeys(users))
+        position = {user: i for i, user in enumerate(user_ids)}
+        index = torch.tensor([position[user] for user in users])
+        counts = torch.bincount(index, minlength=len(user_ids)).float()
+        generator = torch.Generator().manual_seed(self.seed)
+        scale = difference.shape[1] ** -0.5
+        weights = (torch.randn(len(user_ids), self.rank, generator=generator) * 0.1).requires_grad_()
+        basis = (
+            (torch.randn(self.rank, difference.shape[1], generator=generator) * scale).requires_grad_()
+            if fit_basis
+            else self.basis
+        )
+        optimizer = torch.optim.Adam([weights, basis] if fit_basis else [weights], lr=self.learning_rate)
+        for _ in range(self.steps):
+            optimizer.zero_grad()
+            margins = (weights[index] * (difference @ basis.T)).sum(-1)
+            per_user = per_user_sums(pair_losses("sigmoid", margins), index, len(user_ids))
+            penalty = weights.pow(2).sum() + (basis.pow(2).sum() if fit_basis else 0.0)
+            loss = (per_user / counts).sum() + self.l2 * penalty
+            loss.backward()
+            optimizer.step()
+        if fit_basis:
+            self.basis = basis.detach()
+        return user_ids, weights.detach()
+
+    def fit(self, dataset) -> "LowRankRewardBasis":
+        """Fits the basis and the weights of every user of `dataset` (seen users), from scratch."""
+        self.user_ids, self.weights = self._fit(dataset, fit_basis=True)
+        return self
+
+    def fit_new_users(self, dataset) -> "LowRankRewardBasis":
+        """Fits the weights of the users of `dataset` on the frozen basis; users already known are an error."""
+        if self.basis is None:
+            raise ValueError("Call `fit` on the seen users first: new users are fitted on the learned basis.")
+        known = sorted(set(dataset["user_id"]) & set(self.user_ids))
+        if known:
+            raise ValueError(f"Users {known[:3]} are fitted already; `fit_new_users` takes new users only.")
+        user_ids, weights = self._fit(dataset, fit_basis=False)
+        self.user_ids += user_ids
+        self.weights = torch.cat([self.weights, weights])
+        return self
+
+    @torch.no_grad()
+    def reward_differences(self, dataset) -> tuple[torch.Tensor, list[str]]:
+        """`r_u(chosen) - r_u(rejected)` of each comparison of `dataset` for its user, and its user."""
+        if self.basis is None:
+            raise ValueError("Call `fit` first.")
+        difference, users = feature_differences(dataset)
+        unknown = sorted(set(users) - set(self.user_ids))
+        if unknown:
+            raise ValueError(f"No weights for users {unknown[:3]}: fit them first (`fit_new_users`).")
+        position = {user: i for i, user in enumerate(self.user_ids)}
+        index = torch.tensor([position[user] for user in users])
+        return (self.weights[index] * (difference @ self.basis.T)).sum(-1), users
+
+    def accuracy(self, dataset) -> float:
+        """Pair-weighted accuracy (`pal_rm.metrics.personalized_preference_metrics`; a tie counts half)."""
+        differences, users = self.reward_differences(dataset)
+        return personalized_preference_metrics(differences.numpy(), users)["accuracy"]
+
+
+__all__ = [
+    "IndependentRewardHeads",
+    "LowRankRewardBasis",
+    "feature_differences",
+    "fix_user_mixtures",
+    "one_reward_model",
+]

@@ -103,3 +103,48 @@ def test_featurize_preferences_matches_the_backbone(word_tokenizer):
     assert cache.num_encoded == 6  # every unique text once, across splits
     with pytest.raises(ValueError, match="no \\['rejected'\\]"):
         featurize_preferences(data.remove_columns("rejected"), model, word_tokenizer)
+
+
+def low_rank_users(num_users=12, pairs=40, seed=0):
+    """Users whose true rewards are signed combinations of two directions (first and second coordinate)."""
+    generator = torch.Generator().manual_seed(seed)
+    directions = torch.eye(6)[:2]
+    rows = {"user_id": [], "chosen_features": [], "rejected_features": []}
+    for user in range(num_users):
+        weights = torch.randn(2, generator=generator)  # any sign: not on the simplex
+        for _ in range(pairs):
+            a, b = torch.randn(6, generator=generator), torch.randn(6, generator=generator)
+            better = (weights @ directions @ (a - b)) > 0
+            chosen, rejected = (a, b) if better else (b, a)
+            rows["user_id"].append(f"u{user}")
+            rows["chosen_features"].append(chosen.tolist())
+            rows["rejected_features"].append(rejected.tolist())
+    return Dataset.from_dict(rows)
+
+
+def test_low_rank_basis_learns_signed_users_and_new_users():
+    from pal_rm.baselines import LowRankRewardBasis
+
+    seen = low_rank_users(seed=0)
+    lore = LowRankRewardBasis(rank=2, l2=1e-3, steps=400).fit(seen)
+    assert lore.basis.shape == (2, 6) and lore.weights.shape == (12, 2)
+    assert lore.accuracy(low_rank_users(seed=0)) > 0.9
+    # the basis spans the two true directions: new users fitted on it from 10 comparisons each
+    new = low_rank_users(num_users=4, pairs=30, seed=1)
+    new = new.map(lambda row: {"user_id": "new_" + row["user_id"]})
+    few = new.filter(lambda row, i: i % 30 < 10, with_indices=True)
+    rest = new.filter(lambda row, i: i % 30 >= 10, with_indices=True)
+    before = lore.basis.clone()
+    lore.fit_new_users(few)
+    assert torch.equal(lore.basis, before) and len(lore.user_ids) == 16
+    assert lore.accuracy(rest) > 0.8
+    with pytest.raises(ValueError, match="fitted already"):
+        lore.fit_new_users(few)
+    with pytest.raises(ValueError, match="No weights for users"):
+        lore.accuracy(low_rank_users(num_users=1, seed=2).map(lambda row: {"user_id": "stranger"}))
+    with pytest.raises(ValueError, match="Call `fit` on the seen users first"):
+        LowRankRewardBasis().fit_new_users(few)
+    with pytest.raises(ValueError, match="`rank` must be an integer >= 1"):
+        LowRankRewardBasis(rank=0)
+    with pytest.raises(ValueError, match="no 'chosen_features' column"):
+        LowRankRewardBasis().fit(Dataset.from_dict({"user_id": ["u"], "chosen": ["a"], "rejected": ["b"]}))

@@ -54,12 +54,14 @@ def test_persona_smoke(tmp_path):
     assert set(models) == {
         "one reward for everyone",
         "independent head per user",
+        "LoRe (low-rank basis)",
         "per-group oracle",
         "PAL-A K=1",
         "PAL-A K=2",
         "PAL-B K=1",
         "PAL-B K=2",
     }
+    assert models["LoRe (low-rank basis)"]["rank"] in (1, 2, 4, 8)  # chosen on validation
     assert setting["selected_pal"].startswith("PAL-")
     selected = models[setting["selected_pal"]]
     assert selected["validation_accuracy"] == max(
@@ -80,7 +82,14 @@ def test_synthetic_smoke(tmp_path):
     run = result["runs"]["2/10"]
     assert run["true_k"] == 2 and run["pairs_per_user"] == 10
     assert in_unit_interval(run["bayes_optimal"]["test"]["realized"])
-    assert set(run["models"]) == {"one reward for everyone", "per-group oracle", "PAL-A K=1", "PAL-A K=2"}
+    assert set(run["models"]) == {
+        "one reward for everyone",
+        "per-group oracle",
+        "LoRe (low-rank basis)",
+        "PAL-A K=1",
+        "PAL-A K=2",
+    }
+    assert in_unit_interval(run["models"]["LoRe (low-rank basis)"]["unseen_accuracy"])
     assert set(run["gap_to_bayes_when_k_at_least_true_k"]) == {"PAL-A K=2"}
     assert isinstance(result["met_within_1_point"], bool) and (tmp_path / "synthetic.png").exists()
 

@@ -12,7 +12,7 @@ from transformers import PrinterCallback, set_seed
 from transformers.utils import logging
 
 from pal_rm import PalConfig, PalRewardModel
-from pal_rm.baselines import IndependentRewardHeads, fix_user_mixtures, one_reward_model
+from pal_rm.baselines import IndependentRewardHeads, LowRankRewardBasis, fix_user_mixtures, one_reward_model
 from pal_rm.metrics import per_user_accuracy
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer
 from pal_rm.utils import atomic_write
@@ -23,6 +23,8 @@ OUTPUT_DIR = "outputs/benchmarks"
 PERSONA_DATA_DIR = os.path.join("..", "shared", "data", "anthropic-persona")  # beside the repository, never in it
 SHOTS = (1, 2, 5, 10, 20, 50)
 INDEPENDENT_L2_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+LORE_RANK_GRID = (1, 2, 4, 8)
+LORE_L2_GRID = (1e-3, 1e-2, 1e-1)
 
 
 def machine() -> dict:
@@ -219,6 +221,27 @@ def feature_models(features, arguments, head_kwargs, shots, seed, num_prototypes
         trainer = train(model, features, arguments(f"pal-{variant}"))
         models[f"PAL-{variant.upper()} K={num_prototypes}"] = pal_results(trainer, features, shots)
     return models
+
+
+def lore_results(dataset, shots=SHOTS, ranks=LORE_RANK_GRID, l2_grid=LORE_L2_GRID, seed: int = 0) -> dict:
+    """LoRe (`LowRankRewardBasis`): rank and penalty chosen on the seen users' validation split; new users fitted on
+    the frozen basis from their first n comparisons, for each shot level."""
+    scores = {}
+    for rank in ranks:
+        for l2 in l2_grid:
+            model = LowRankRewardBasis(rank=rank, l2=l2, seed=seed).fit(dataset["train"])
+            scores[(rank, l2)] = (model.accuracy(dataset["validation"]), model)
+    (rank, l2), (validation, model) = max(scores.items(), key=lambda item: item[1][0])
+    shot_train, shot_test = shot_datasets(dataset["unseen_train"], dataset["unseen_test"], shots)
+    model.fit_new_users(shot_train)
+    differences, users = model.reward_differences(shot_test)
+    return {
+        "rank": rank,
+        "l2": l2,
+        "validation_accuracy": validation,
+        "seen_accuracy": model.accuracy(dataset["test"]),
+        "unseen_accuracy": by_shots(per_user_accuracy(differences.numpy(), users), shots),
+    }
 
 
 def select_by_validation(models: dict[str, dict]) -> str:

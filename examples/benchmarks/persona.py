@@ -26,6 +26,7 @@ from _common import (
     PERSONA_DATA_DIR,
     SHOTS,
     independent_results,
+    lore_results,
     machine,
     markdown_table,
     one_reward_results,
@@ -63,6 +64,7 @@ def run_setting(dataset, num_groups, ks, args, shots):
     start = time.perf_counter()
     models["one reward for everyone"] = one_reward_results(dataset, feature_dim, arguments("bt"), head_kwargs, shots)
     models["independent head per user"] = independent_results(dataset, shots)
+    models["LoRe (low-rank basis)"] = lore_results(dataset, shots, seed=args.seed)
     models["per-group oracle"] = oracle_results(dataset, feature_dim, num_groups, arguments("oracle"), head_kwargs)
     for variant in ("a", "b"):
         for k in ks:

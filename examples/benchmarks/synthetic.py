@@ -21,6 +21,7 @@ import time
 from _common import (
     OUTPUT_DIR,
     accuracy,
+    lore_results,
     machine,
     markdown_table,
     one_reward_results,
@@ -75,6 +76,12 @@ def run(true_k: int, pairs_per_user: int, ks, args) -> dict:
     models["per-group oracle"] = {
         "seen_accuracy": oracle["seen_accuracy"],
         "unseen_accuracy": oracle["unseen_accuracy_true_mixture"],
+    }
+    lore = lore_results(dataset, shots=(args.unseen_shots,), seed=args.seed)
+    models["LoRe (low-rank basis)"] = {
+        "rank": lore["rank"],
+        "seen_accuracy": lore["seen_accuracy"],
+        "unseen_accuracy": lore["unseen_accuracy"][args.unseen_shots],
     }
     for k in ks:
         set_seed(args.seed)
