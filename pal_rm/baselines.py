@@ -145,21 +145,38 @@ class LowRankRewardBasis:
     <f(phi(x)), p_k>`; with a linear item map `f(phi) = F phi` (`head_hidden_dims=[]`), `<F phi, p_k> = <F^T p_k, phi>`,
     so PAL-A-dot is this model with basis `b_k = F^T p_k` and weights `a_u = softmax(z_u / tau)` restricted to the
     simplex. LoRe's weights are free (a user may weigh a basis reward negatively, or by more than 1), PAL's are a convex
-    combination (every user's ideal point lies in the prototypes' hull). What was checked against the LoRe code: the
-    bilinear form with a shared linear basis over frozen embeddings and unconstrained per-user weights, and few-shot
-    users fitted on the frozen basis; the regularisation and the optimiser here are this implementation's choices.
+    combination (every user's ideal point lies in the prototypes' hull).
+
+    What was checked against LoRe's released code (facebookresearch/LoRe, `utils.py`, commit 6f93990): the bilinear
+    form with a shared linear basis over frozen embeddings, and few-shot users fitted on the frozen basis. That code
+    puts the user weights on the simplex (`softmax` of free logits, in joint training and for new users), and it
+    pulls the basis towards a pretrained reward head; `simplex_weights=True` gives the simplex weights (then only the
+    basis is penalised), which makes LoRe on frozen features the same model as PAL-A-dot with a linear item map. The
+    default, free weights, is the formulation the low-rank argument is stated in. The regularisation and the
+    optimiser here are this implementation's choices.
 
     Args:
         rank (`int`): number K of basis rewards.
         l2 (`float`): strength of the penalty.
         steps (`int`), learning_rate (`float`): full-batch Adam steps and learning rate (seen users and new users).
         seed (`int`): seed of the initialisation.
+        simplex_weights (`bool`, defaults to `False`): user weights on the simplex (`softmax` of free logits), as in
+            LoRe's released code, instead of free weights.
     """
 
-    def __init__(self, rank: int = 4, l2: float = 0.01, steps: int = 300, learning_rate: float = 0.05, seed: int = 0):
+    def __init__(
+        self,
+        rank: int = 4,
+        l2: float = 0.01,
+        steps: int = 300,
+        learning_rate: float = 0.05,
+        seed: int = 0,
+        simplex_weights: bool = False,
+    ):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"`rank` must be an integer >= 1, got {rank!r}.")
         self.rank, self.l2, self.steps, self.learning_rate, self.seed = rank, l2, steps, learning_rate, seed
+        self.simplex_weights = bool(simplex_weights)
         self.basis: torch.Tensor | None = None
         self.user_ids: list[str] = []
         self.weights: torch.Tensor | None = None
@@ -172,24 +189,29 @@ class LowRankRewardBasis:
         counts = torch.bincount(index, minlength=len(user_ids)).float()
         generator = torch.Generator().manual_seed(self.seed)
         scale = difference.shape[1] ** -0.5
-        weights = (torch.randn(len(user_ids), self.rank, generator=generator) * 0.1).requires_grad_()
+        # free weights, or the logits of simplex weights
+        parameters = (torch.randn(len(user_ids), self.rank, generator=generator) * 0.1).requires_grad_()
         basis = (
             (torch.randn(self.rank, difference.shape[1], generator=generator) * scale).requires_grad_()
             if fit_basis
             else self.basis
         )
-        optimizer = torch.optim.Adam([weights, basis] if fit_basis else [weights], lr=self.learning_rate)
+        optimizer = torch.optim.Adam([parameters, basis] if fit_basis else [parameters], lr=self.learning_rate)
         for _ in range(self.steps):
             optimizer.zero_grad()
+            weights = parameters.softmax(-1) if self.simplex_weights else parameters
             margins = (weights[index] * (difference @ basis.T)).sum(-1)
             per_user = per_user_sums(pair_losses("sigmoid", margins), index, len(user_ids))
-            penalty = weights.pow(2).sum() + (basis.pow(2).sum() if fit_basis else 0.0)
+            penalty = (0.0 if self.simplex_weights else weights.pow(2).sum()) + (
+                basis.pow(2).sum() if fit_basis else 0.0
+            )
             loss = (per_user / counts).sum() + self.l2 * penalty
             loss.backward()
             optimizer.step()
         if fit_basis:
             self.basis = basis.detach()
-        return user_ids, weights.detach()
+        with torch.no_grad():
+            return user_ids, parameters.softmax(-1) if self.simplex_weights else parameters.detach()
 
     def fit(self, dataset) -> "LowRankRewardBasis":
         """Fits the basis and the weights of every user of `dataset` (seen users), from scratch."""
@@ -211,20 +233,25 @@ class LowRankRewardBasis:
     @torch.no_grad()
     def reward_differences(self, dataset) -> tuple[torch.Tensor, list[str]]:
         """`r_u(chosen) - r_u(rejected)` of each comparison of `dataset` for its user, and its user."""
-        if self.basis is None:
-            raise ValueError("Call `fit` first.")
         difference, users = feature_differences(dataset)
-        unknown = sorted(set(users) - set(self.user_ids))
-        if unknown:
-            raise ValueError(f"No weights for users {unknown[:3]}: fit them first (`fit_new_users`).")
-        position = {user: i for i, user in enumerate(self.user_ids)}
-        index = torch.tensor([position[user] for user in users])
-        return (self.weights[index] * (difference @ self.basis.T)).sum(-1), users
+        return self.rewards(difference, users), users  # the reward is linear in the features
 
     def accuracy(self, dataset) -> float:
         """Pair-weighted accuracy (`pal_rm.metrics.personalized_preference_metrics`; a tie counts half)."""
         differences, users = self.reward_differences(dataset)
         return personalized_preference_metrics(differences.numpy(), users)["accuracy"]
+
+    @torch.no_grad()
+    def rewards(self, features: torch.Tensor, users: Sequence[str]) -> torch.Tensor:
+        """`r_u(x) = w_u^T B phi(x)` `(N,)` of features `(N, D)` for `users[i]` (fitted users only)."""
+        if self.basis is None:
+            raise ValueError("Call `fit` first.")
+        position = {user: i for i, user in enumerate(self.user_ids)}
+        unknown = sorted(set(users) - set(position))
+        if unknown:
+            raise ValueError(f"No weights for users {unknown[:3]}: fit them first (`fit_new_users`).")
+        index = torch.tensor([position[user] for user in users])
+        return (self.weights[index] * (features.float() @ self.basis.T)).sum(-1)
 
 
 __all__ = [

@@ -129,6 +129,11 @@ def test_low_rank_basis_learns_signed_users_and_new_users():
     lore = LowRankRewardBasis(rank=2, l2=1e-3, steps=400).fit(seen)
     assert lore.basis.shape == (2, 6) and lore.weights.shape == (12, 2)
     assert lore.accuracy(low_rank_users(seed=0)) > 0.9
+    # per-item rewards (best-of-n) agree with the pair margins
+    chosen = torch.tensor(seen["chosen_features"], dtype=torch.float32)
+    rejected = torch.tensor(seen["rejected_features"], dtype=torch.float32)
+    margins = lore.rewards(chosen, seen["user_id"]) - lore.rewards(rejected, seen["user_id"])
+    torch.testing.assert_close(margins, lore.reward_differences(seen)[0])
     # the basis spans the two true directions: new users fitted on it from 10 comparisons each
     new = low_rank_users(num_users=4, pairs=30, seed=1)
     new = new.map(lambda row: {"user_id": "new_" + row["user_id"]})
@@ -144,6 +149,10 @@ def test_low_rank_basis_learns_signed_users_and_new_users():
         lore.accuracy(low_rank_users(num_users=1, seed=2).map(lambda row: {"user_id": "stranger"}))
     with pytest.raises(ValueError, match="Call `fit` on the seen users first"):
         LowRankRewardBasis().fit_new_users(few)
+    # LoRe's released code: weights on the simplex; signed users need four basis rewards then (about +-e1, +-e2)
+    simplex = LowRankRewardBasis(rank=4, l2=1e-3, steps=400, simplex_weights=True).fit(seen)
+    torch.testing.assert_close(simplex.weights.sum(-1), torch.ones(12))
+    assert (simplex.weights >= 0).all() and simplex.accuracy(seen) > 0.9
     with pytest.raises(ValueError, match="`rank` must be an integer >= 1"):
         LowRankRewardBasis(rank=0)
     with pytest.raises(ValueError, match="no 'chosen_features' column"):

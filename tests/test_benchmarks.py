@@ -182,6 +182,46 @@ def test_prism_smoke(tmp_path):
         assert in_unit_interval(values["unseen_accuracy"]["3"])
 
 
+def test_personalllm_smoke(tmp_path):
+    load_script("personalllm").main(["--smoke", "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")])
+    result = read(tmp_path, "personalllm")
+    assert result["source"] == "fixture"
+    assert result["users"] == {"train": 8, "validation": 8, "test": 8, "unseen_train": 4, "unseen_test": 4}
+    assert result["sizes"]["train"] == 8 * 16 and result["sizes"]["unseen_train"] == 4 * 4  # one per (user, prompt)
+    assert set(result["models"]) == {
+        "one reward for everyone",
+        "independent head per user",
+        "LoRe (low-rank basis)",
+        "PAL-A K=2",
+        "PAL-B K=2",
+    }
+    for values in result["models"].values():
+        assert in_unit_interval(values["validation_accuracy"]) and in_unit_interval(values["seen_accuracy"])
+        assert in_unit_interval(values["unseen_accuracy"]["4"])
+
+
+def test_downstream_best_of_n_smoke(tmp_path):
+    result = load_script("downstream").main(["--smoke", "--output_dir", str(tmp_path)])
+    assert read(tmp_path, "downstream")["agreement"] == json.loads(json.dumps(result["agreement"]))
+    assert set(result["agreement"]) == {"PAL-B K=4", "one reward for everyone", "LoRe (low-rank basis)"}
+    assert all(set(values) == {"test", "unseen_test"} for values in result["agreement"].values())
+    assert all(in_unit_interval(v) for values in result["agreement"].values() for v in values.values())
+    assert result["questions"]["test"] > 0 and result["questions"]["unseen_test"] > 0
+
+
+def test_candidate_sets_have_a_unique_true_best():
+    from pal_rm.data import load_demo_preferences
+
+    script = load_script("downstream")
+    data = load_demo_preferences(users_per_group=1, num_mixture_users=2, pairs_per_user=8, num_unseen_users=1)
+    questions = script.candidate_sets(data, ("test",), n=5, seed=0)
+    assert len(questions) == len(data["test"])
+    for question, row in zip(questions, data["test"]):
+        assert question["texts"][:2] == [row["chosen"], row["rejected"]] and len(set(question["texts"])) == 5
+        assert len(set(question["utilities"])) == 5
+        assert question["utilities"][0] > question["utilities"][1]  # the user's label agrees with the true utilities
+
+
 def test_speed_smoke(tmp_path):
     load_script("speed").main(["--smoke", "--data_dir", PERSONA_FIXTURE, "--output_dir", str(tmp_path)])
     result = read(tmp_path, "speed")

@@ -21,6 +21,7 @@ def test_every_published_checkpoint_has_a_recipe():
         "pal-summary.yaml",
         "pal-summary-lore.yaml",
         "pal-prism.yaml",
+        "pal-personalllm.yaml",
     } <= names
 
 
@@ -30,11 +31,12 @@ def test_recipe_parses_with_the_real_parser(recipe):
     name = os.path.basename(recipe).removesuffix(".yaml")
     assert training_args.hub_model_id.endswith("/" + name)  # names the Hub repo it publishes to
     assert (
-        script_args.dataset_name in {"demo", "persona", "summary", "summary_lore", "prism"} or name == "pal-own-data"
+        script_args.dataset_name in {"demo", "persona", "summary", "summary_lore", "prism", "personalllm"}
+        or name == "pal-own-data"
     )
     assert model_args.variant in {"a", "b"} and model_args.num_prototypes >= 1
     assert not training_args.train_backbone
-    if script_args.dataset_name in {"persona", "summary", "summary_lore", "prism"}:
+    if script_args.dataset_name in {"persona", "summary", "summary_lore", "prism", "personalllm"}:
         assert script_args.dataset_path  # persona needs its folder, the Hub loaders their source
 
 
@@ -44,6 +46,7 @@ def test_recipe_parses_with_the_real_parser(recipe):
         ("pal-summary.yaml", "summarize_from_feedback"),
         ("pal-summary-lore.yaml", "summarize_from_feedback_lore"),
         ("pal-prism.yaml", "prism_alignment"),
+        ("pal-personalllm.yaml", "personalllm"),
     ],
 )
 def test_hub_loader_recipes_load_their_data(recipe, fixture):
@@ -53,5 +56,10 @@ def test_hub_loader_recipes_load_their_data(recipe, fixture):
     path = os.path.join(REPO, "hub_configs", recipe)
     script_args, _, _ = parser().parse_args_and_config(["--config", path])
     script_args.dataset_path = os.path.join(REPO, "tests", "fixtures", fixture)
+    if fixture == "personalllm":  # the fixture has 24 training prompts: fewer comparisons per user than the recipe
+        script_args.dataset_kwargs.update(
+            num_users=4, num_unseen_users=2, pairs_per_user=10, validation_pairs_per_user=2, test_pairs_per_user=4
+        )
+        script_args.dataset_kwargs.update(unseen_shots=3, unseen_test_pairs=4)
     dataset = load_preference_dataset(script_args)
     assert dataset["train"].num_rows > 0 and dataset["test"].num_rows > 0

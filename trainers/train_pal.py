@@ -64,7 +64,7 @@ from pal_rm.utils import MINILM, resolve_model_path
 
 logger = logging.get_logger(__name__)
 
-BUILTIN_DATASETS = ("demo", "persona", "summary", "summary_lore", "prism")
+BUILTIN_DATASETS = ("demo", "persona", "summary", "summary_lore", "prism", "personalllm")
 # Local data files and the `datasets` builder that reads them.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -78,7 +78,7 @@ class PalScriptArguments:
         default="demo",
         metadata={
             "help": "A loader of `pal_rm.data` ('demo' (built-in, offline), 'persona', 'summary' (Li et al. protocol), "
-            "'summary_lore' (LoRe protocol) or 'prism'), or your own TRL "
+            "'summary_lore' (LoRe protocol), 'prism' or 'personalllm'), or your own TRL "
             "preference dataset with a user column: a Hub id, a local folder (one split per data file, named after "
             "the file: train.jsonl, validation.jsonl, test.jsonl, ...; or a `save_to_disk` folder), or local "
             ".jsonl/.json/.parquet/.csv files (one file: the train split; several, comma-separated: one split each, "
@@ -201,6 +201,9 @@ def load_preference_dataset(script_args: PalScriptArguments) -> DatasetDict:
     if name == "prism":
         source = script_args.dataset_path or "HannahRoseKirk/prism-alignment"
         return data.load_prism_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
+    if name == "personalllm":
+        source = script_args.dataset_path or "namkoong-lab/PersonalLLM"
+        return data.load_personalllm_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
     return load_own_dataset(name, script_args.dataset_config, kwargs)
 
 

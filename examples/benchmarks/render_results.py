@@ -27,6 +27,7 @@ BENCHMARKS = (
     "persona",
     "synthetic",
     "active",
+    "downstream",
     "speed",
     "lora",
     "big_backbone",
@@ -327,6 +328,24 @@ def render_images(result, results_dir) -> str:
         "end, not a measure of image understanding. Accuracy; bold: the PAL model chosen on seen-user validation "
         "accuracy; unseen users fitted on n of their comparisons.\n\n"
         + table(["model", "seen users"] + [f"unseen, {n}-shot" for n in shots], rows)
+        + "\n"
+    )
+
+
+def render_downstream(result, results_dir) -> str:
+    n, counts = result["n"], result["questions"]
+    rows = [[name, values["test"], values["unseen_test"]] for name, values in result["agreement"].items()]
+    rows.append([f"chance (1/{n})", 1 / n, 1 / n])
+    lore = result["lore"]
+    return (
+        f"### Best-of-{n} on the demo data (`examples/benchmarks/downstream.py`)\n\n`{result['command']}` on "
+        f"{_machine(result)}. Reward accuracy predicts downstream quality only weakly, so this asks what best-of-n "
+        f"reranking asks: for each test comparison ({counts['test']:,} of seen users, {counts['unseen_test']:,} of "
+        f"new users fitted on their few-shot comparisons), {n} notes on the topic (its two responses and {n - 2} "
+        "others) are scored for the user, and the share of picks that are the user's true best (from their true "
+        "property weights) is reported. PAL-B is the demo recipe (K = 4); LoRe's rank and L2 were chosen on seen-user "
+        f"validation accuracy (rank {lore['rank']}, L2 {lore['l2']:g}); all on the frozen MiniLM's features.\n\n"
+        + table(["model", "seen users", "new users"], rows)
         + "\n"
     )
 

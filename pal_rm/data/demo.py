@@ -182,6 +182,34 @@ _SHORT_POINTS, _LONG_POINTS = 1, 3
 _TOPIC_STREAM, _USER_STREAM, _UNSEEN_STREAM, _RESPONSE_STREAM = 0, 1, 2, 3
 
 
+def demo_utility_weights(mixture_weights) -> np.ndarray:
+    """A demo user's utility weight of each property of `DEMO_PROPERTIES` from their true `mixture_weights` (the
+    column of that name): `mixture_weights @ group weights`. A response's utility is the dot product of these with its
+    property scores (+1 if the property holds, -1 otherwise)."""
+    weights = np.asarray(mixture_weights, dtype=np.float64)
+    if weights.ndim != 1 or not 1 <= len(weights) <= len(DEMO_GROUP_PREFERENCES):
+        raise ValueError(f"`mixture_weights` must be a vector over at most {len(DEMO_GROUP_PREFERENCES)} groups.")
+    return weights @ _weight_matrix(len(weights))
+
+
+def demo_response_pool(seed: int = 0, variants_per_style: int = 3) -> dict[str, dict[str, np.ndarray]]:
+    """Every note `load_demo_preferences(seed=seed, variants_per_style=variants_per_style)` draws its responses from:
+    `{topic: {text: property scores}}`, the scores in the order of `DEMO_PROPERTIES` (+1 if the property holds, -1
+    otherwise). For candidate sets beyond the comparisons (best-of-n checks): a user's true utility of a note is
+    `demo_utility_weights(mixture_weights) @ scores`."""
+    check_seed(seed)
+    check_int("variants_per_style", variants_per_style, minimum=1)
+    pool = _response_pool(seed, variants_per_style)
+    return {
+        topic: {
+            text: vector.astype(np.float64)
+            for vector, variants in zip(_ALL_PROPERTY_VECTORS, styles)
+            for text in variants
+        }
+        for topic, styles in pool.items()
+    }
+
+
 def _weight_matrix(num_groups: int) -> np.ndarray:
     return np.array(
         [[DEMO_GROUP_PREFERENCES[g]["weights"][name] for name in DEMO_PROPERTIES] for g in range(num_groups)]
