@@ -303,3 +303,36 @@ def test_train_pal_saves_the_trained_model_before_adapting_unseen_users(
         )
     model = AutoModel.from_pretrained(output_dir)
     assert model.config.user_ids == sorted(set(preferences["train"]["worker"]))
+
+
+def test_train_pal_on_precomputed_features(tmp_path):
+    """A dataset of feature columns (as a feature loader or `featurize_preferences` writes it) trains PAL's heads
+    with no backbone; arguments that need a backbone are an error, not ignored."""
+    from transformers import AutoModel
+
+    from pal_rm.data import load_synthetic_preferences
+
+    data = load_synthetic_preferences(
+        num_groups=2, feature_dim=6, users_per_group=3, pairs_per_user=30, num_unseen_users=2, unseen_shots=10, seed=0
+    )
+    data.save_to_disk(str(tmp_path / "features"))
+    arguments = ["--dataset_name", str(tmp_path / "features"), "--output_dir", str(tmp_path / "out")]
+    arguments += ["--variant", "a", "--num_train_epochs", "5", "--per_device_train_batch_size", "16"]
+    arguments += ["--num_prototypes", "2", "--preference_dim", "8", "--disable_tqdm", "true", "--adapt_steps", "20"]
+    arguments += ["--report_to", "none", "--save_strategy", "no", "--compare_baseline", "true"]
+    results = run_script(arguments)["results"]
+    pal = results["PAL-A (K=2)"]
+    assert 0 <= pal["seen_accuracy"] <= 1 and 0 <= pal["unseen_accuracy"] <= 1
+    assert "Bradley-Terry (one reward for everyone)" in results
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    assert model.config.feature_dim == 6 and model.backbone is None
+    assert model.config.user_ids[:6] == sorted(set(data["train"]["user_id"]))
+
+    module = train_pal()
+    for extra, name in (
+        (["--use_peft", "true", "--train_backbone", "true"], "--use_peft"),
+        (["--model_name_or_path", "gpt2"], "--model_name_or_path"),
+    ):
+        parsed = module.make_parser().parse_args_and_config(arguments + extra)
+        with pytest.raises(ValueError, match=rf"holds precomputed features.*{name}"):
+            module.main(*parsed)

@@ -56,7 +56,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from pal_rm import PalRewardModel
+from pal_rm import PalConfig, PalRewardModel
 from pal_rm.data import SPLIT_NAMES
 from pal_rm.hub import resolve_user_id_salt
 from pal_rm.trainers import PalRewardConfig, PalRewardTrainer, choose_num_prototypes
@@ -479,30 +479,50 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         load_preference_dataset(script_args), script_args, training_args.user_column, training_args.unknown_users
     )
     training_args = without_evaluation_during_training(training_args, dataset)
-    backbone_path = resolve_model_path(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(backbone_path)
+    feature_dim = feature_dataset_dim(dataset, model_args, training_args)
     head_kwargs = {
         "preference_dim": model_args.preference_dim,
         "head_hidden_dims": model_args.head_hidden_dims,
         "head_activation": model_args.head_activation,
-        "pooling": model_args.pooling,
     }
-    backbone_kwargs = backbone_loading_kwargs(model_args)
-    peft_config = get_peft_config(model_args)
+    if feature_dim is None:
+        backbone_path = resolve_model_path(model_args.model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(backbone_path)
+        backbone_kwargs = backbone_loading_kwargs(model_args)
+        peft_config = get_peft_config(model_args)
+    else:  # heads on precomputed features: no backbone, no tokenizer
+        tokenizer, peft_config = None, None
+
+    def build_model(variant, num_prototypes, similarity, **kwargs):
+        if feature_dim is not None:
+            config = PalConfig(
+                feature_dim=feature_dim,
+                variant=variant,
+                num_prototypes=num_prototypes,
+                similarity=similarity,
+                **head_kwargs,
+                **kwargs,
+            )
+            return PalRewardModel(config)
+        return PalRewardModel.from_backbone(
+            backbone_path,
+            variant=variant,
+            num_prototypes=num_prototypes,
+            similarity=similarity,
+            pooling=model_args.pooling,
+            **backbone_kwargs,
+            **head_kwargs,
+            **kwargs,
+        )
+
     k_choice = None
     if script_args.choose_num_prototypes:
         if dataset.get("validation") is None:
             raise ValueError("`--choose_num_prototypes` needs a validation split of the seen users.")
 
         def model_init(k):
-            return PalRewardModel.from_backbone(
-                backbone_path,
-                variant=model_args.variant,
-                num_prototypes=k,
-                similarity=model_args.similarity,
-                mixture_temperature=model_args.mixture_temperature,
-                **backbone_kwargs,
-                **head_kwargs,
+            return build_model(
+                model_args.variant, k, model_args.similarity, mixture_temperature=model_args.mixture_temperature
             )
 
         choice = choose_num_prototypes(
@@ -520,14 +540,11 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         if training_args.process_index == 0:
             accuracies = ", ".join(f"K={k}: {v:.3f}" for k, v in k_choice["validation_accuracy"].items())
             print(f"Chose K={k_choice['chosen']} on the validation split ({accuracies}).")
-    model = PalRewardModel.from_backbone(
-        backbone_path,
-        variant=model_args.variant,
-        num_prototypes=model_args.num_prototypes,
-        similarity=model_args.similarity,
+    model = build_model(
+        model_args.variant,
+        model_args.num_prototypes,
+        model_args.similarity,
         mixture_temperature=model_args.mixture_temperature,
-        **backbone_kwargs,
-        **head_kwargs,
     )
 
     def make_trainer(model, args, embedding_cache=None):
@@ -556,14 +573,16 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         )
     }
     trainer.save_model(training_args.output_dir)
-    sanity = run_sanity_checks(trainer, tokenizer, dataset) if script_args.sanity_checks else {}
+    sanity = {}
+    if script_args.sanity_checks and feature_dim is not None:
+        logger.warning("The sanity checks score texts; this run trains on precomputed features, so they are skipped.")
+    elif script_args.sanity_checks:
+        sanity = run_sanity_checks(trainer, tokenizer, dataset)
 
     if script_args.compare_baseline:
         # One reward for everyone: a single prototype, so every user (seen or not) gets the same reward.
         set_seed(training_args.seed)
-        baseline = PalRewardModel.from_backbone(
-            backbone_path, variant="a", num_prototypes=1, similarity="dot", **backbone_kwargs, **head_kwargs
-        )
+        baseline = build_model("a", 1, "dot")
         # The baseline is not published (only the PAL model is pushed), but its folder lies inside the uploaded
         # output_dir, so it holds hashed user ids whenever the PAL model does.
         baseline_args = dataclasses.replace(
@@ -603,11 +622,48 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         output_dir = os.path.abspath(training_args.output_dir)
         print(f"\nSaved to {output_dir} in {time.time() - start:.0f} s. Load it back with:\n")
         print("    import pal_rm; from transformers import AutoModel, AutoTokenizer")
-        print(
-            f"    model = AutoModel.from_pretrained({output_dir!r}); tokenizer = AutoTokenizer.from_pretrained({output_dir!r})"
-        )
+        load = f"    model = AutoModel.from_pretrained({output_dir!r})"
+        print(load + (f"; tokenizer = AutoTokenizer.from_pretrained({output_dir!r})" if tokenizer is not None else ""))
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=model_card_dataset_name(script_args))
+
+
+FEATURE_COLUMNS = ("chosen_features", "rejected_features")
+
+
+def feature_dataset_dim(dataset: DatasetDict, model_args: PalModelArguments, training_args: PalRewardConfig):
+    """
+    The feature width of a dataset of precomputed features (`chosen_features`, `rejected_features` and, for PAL-B,
+    `prompt_features` columns, as `pal_rm.cache.featurize_preferences` or a feature loader writes them), or `None`
+    for a dataset of texts. PAL then trains its heads on the features alone (`PalConfig(feature_dim=...)`); settings
+    that need a backbone are an error rather than ignored.
+    """
+    featured = {split: set(FEATURE_COLUMNS) <= set(part.column_names) for split, part in dataset.items()}
+    if not any(featured.values()):
+        return None
+    if not all(featured.values()):
+        raise ValueError(
+            f"Some splits hold features and others texts ({featured}): train on one kind of data. Encode the texts "
+            "with `pal_rm.cache.featurize_preferences`, or drop the feature splits."
+        )
+    widths = {len(part[0][FEATURE_COLUMNS[0]]) for part in dataset.values() if len(part)}
+    if len(widths) != 1:
+        raise ValueError(f"The splits' `chosen_features` have different widths {sorted(widths)}.")
+    needs_backbone = {
+        "--model_name_or_path": model_args.model_name_or_path != MINILM,
+        "--use_peft": model_args.use_peft,
+        "--train_backbone": training_args.train_backbone,
+        "--pooling": model_args.pooling is not None,
+    }
+    given = [name for name, set_ in needs_backbone.items() if set_]
+    if given:
+        raise ValueError(
+            f"The dataset holds precomputed features, so PAL trains its heads on them without a backbone, and "
+            f"{given} cannot apply. Drop those arguments, or train on the texts."
+        )
+    width = widths.pop()
+    logger.info(f"Training on precomputed features of width {width} (no backbone).")
+    return width
 
 
 def backbone_loading_kwargs(model_args: PalModelArguments) -> dict[str, Any]:
