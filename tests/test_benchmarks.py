@@ -206,6 +206,8 @@ def test_downstream_best_of_n_smoke(tmp_path):
     assert set(result["agreement"]) == {"PAL-B K=4", "one reward for everyone", "LoRe (low-rank basis)"}
     assert all(set(values) == {"test", "unseen_test"} for values in result["agreement"].values())
     assert all(in_unit_interval(v) for values in result["agreement"].values() for v in values.values())
+    assert result["pairwise_accuracy"].keys() == result["agreement"].keys()
+    assert all(in_unit_interval(v) for values in result["pairwise_accuracy"].values() for v in values.values())
     assert result["questions"]["test"] > 0 and result["questions"]["unseen_test"] > 0
 
 

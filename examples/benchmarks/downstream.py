@@ -9,8 +9,8 @@ the same (test) topic from the notes the data was drawn from (`pal_rm.data.demo_
 to the comparison's prompt; candidate sets where two notes have the same true utility for the user are redrawn, so the
 true best is unique. The true utility of a note is
 the user's property weights (`pal_rm.data.demo_utility_weights` of the true `mixture_weights`) times its properties.
-Reported: how often the model's best-of-n pick is the true best (chance is 1/n), for PAL-B (K = 4, the demo's
-recipe), LoRe and one reward for everyone, all on the frozen MiniLM's features. Settings are the demo recipe's, fixed
+Reported: how often the model's best-of-n pick is the true best (chance is 1/n), next to the model's pairwise accuracy
+on the same comparisons, for PAL-B (K = 4, the demo's recipe), LoRe and one reward for everyone, all on the frozen MiniLM's features. Settings are the demo recipe's, fixed
 before the run.
 
 ```bash
@@ -28,7 +28,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-from _common import OUTPUT_DIR, machine, markdown_table, pal_model, train, training_args, write_json
+from _common import OUTPUT_DIR, accuracy, machine, markdown_table, pal_model, train, training_args, write_json
 from transformers import AutoTokenizer, set_seed
 from transformers.utils import logging
 
@@ -133,13 +133,18 @@ def main(argv=None):
                 -1
             )
 
-    results = {}
-    set_seed(args.seed)
-    pal = train(pal_model(feature_dim, "b", 4, preference_dim=64), features, run_args("pal"))
-    results["PAL-B K=4"] = agreement(questions, pal_rewards(pal), args.n)
-    set_seed(args.seed)
-    one = train(one_reward_model(feature_dim=feature_dim, preference_dim=64), features, run_args("bt"))
-    results["one reward for everyone"] = agreement(questions, pal_rewards(one), args.n)
+    def pairwise(trainer) -> dict[str, float]:  # after `pal_rewards` has fitted the new users
+        return {split: accuracy(trainer, features[split], split) for split in ("test", "unseen_test")}
+
+    results, accuracies = {}, {}
+    for name, model in (
+        ("PAL-B K=4", lambda: pal_model(feature_dim, "b", 4, preference_dim=64)),
+        ("one reward for everyone", lambda: one_reward_model(feature_dim=feature_dim, preference_dim=64)),
+    ):
+        set_seed(args.seed)
+        trainer = train(model(), features, run_args("pal" if name.startswith("PAL") else "bt"))
+        results[name] = agreement(questions, pal_rewards(trainer), args.n)
+        accuracies[name] = pairwise(trainer)
     scores = {}
     for rank, l2 in LORE_GRID[4:5] if args.smoke else LORE_GRID:  # chosen on the seen users' validation comparisons
         model = LowRankRewardBasis(rank=rank, l2=l2, seed=args.seed).fit(features["train"])
@@ -147,12 +152,17 @@ def main(argv=None):
     (rank, l2), (_, lore) = max(scores.items(), key=lambda item: item[1][0])
     lore.fit_new_users(features["unseen_train"])
     results["LoRe (low-rank basis)"] = agreement(questions, lore.rewards(item_features, users), args.n)
+    accuracies["LoRe (low-rank basis)"] = {split: lore.accuracy(features[split]) for split in ("test", "unseen_test")}
 
     counts = {split: sum(q["split"] == split for q in questions) for split in ("test", "unseen_test")}
-    rows = [[name, values["test"], values["unseen_test"]] for name, values in results.items()]
-    rows.append([f"chance (1/{args.n})", 1 / args.n, 1 / args.n])
+    rows = [
+        [name, accuracies[name]["test"], values["test"], accuracies[name]["unseen_test"], values["unseen_test"]]
+        for name, values in results.items()
+    ]
+    rows.append([f"chance (1/{args.n})", 0.5, 1 / args.n, 0.5, 1 / args.n])
     print(f"\n## Best-of-{args.n} on the demo data: the model's pick is the user's true best\n")
-    print(markdown_table(["model", "seen users", "new users"], rows))
+    header = ["model", "seen: accuracy", f"seen: best-of-{args.n}", "new: accuracy", f"new: best-of-{args.n}"]
+    print(markdown_table(header, rows))
     output = {
         "machine": machine(),
         "command": "python examples/benchmarks/downstream.py" + (" --smoke" if args.smoke else ""),
@@ -162,6 +172,7 @@ def main(argv=None):
         "n": args.n,
         "lore": {"rank": rank, "l2": l2},
         "agreement": results,
+        "pairwise_accuracy": accuracies,
         "wall_time_seconds": time.perf_counter() - start,
     }
     path = write_json("downstream", output, args.output_dir)

@@ -334,8 +334,12 @@ def render_images(result, results_dir) -> str:
 
 def render_downstream(result, results_dir) -> str:
     n, counts = result["n"], result["questions"]
-    rows = [[name, values["test"], values["unseen_test"]] for name, values in result["agreement"].items()]
-    rows.append([f"chance (1/{n})", 1 / n, 1 / n])
+    accuracy = result["pairwise_accuracy"]
+    rows = [
+        [name, accuracy[name]["test"], values["test"], accuracy[name]["unseen_test"], values["unseen_test"]]
+        for name, values in result["agreement"].items()
+    ]
+    rows.append([f"chance (1/{n})", 0.5, 1 / n, 0.5, 1 / n])
     lore = result["lore"]
     return (
         f"### Best-of-{n} on the demo data (`examples/benchmarks/downstream.py`)\n\n`{result['command']}` on "
@@ -343,9 +347,10 @@ def render_downstream(result, results_dir) -> str:
         f"reranking asks: for each test comparison ({counts['test']:,} of seen users, {counts['unseen_test']:,} of "
         f"new users fitted on their few-shot comparisons), {n} notes on the topic (its two responses and {n - 2} "
         "others) are scored for the user, and the share of picks that are the user's true best (from their true "
-        "property weights) is reported. PAL-B is the demo recipe (K = 4); LoRe's rank and L2 were chosen on seen-user "
-        f"validation accuracy (rank {lore['rank']}, L2 {lore['l2']:g}); all on the frozen MiniLM's features.\n\n"
-        + table(["model", "seen users", "new users"], rows)
+        "property weights) is reported, next to the pairwise accuracy on the same comparisons. PAL-B is the demo "
+        f"recipe (K = 4); LoRe's rank and L2 were chosen on seen-user validation accuracy (rank {lore['rank']}, L2 "
+        f"{lore['l2']:g}); all on the frozen MiniLM's features.\n\n"
+        + table(["model", "seen: accuracy", f"seen: best-of-{n}", "new: accuracy", f"new: best-of-{n}"], rows)
         + "\n"
     )
 
