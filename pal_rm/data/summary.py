@@ -33,6 +33,11 @@ Li et al. protocol (`load_summary_preferences`; the rules as implemented):
    seeded random `unseen_minority_fraction` (default 0.3, the seen users' 3-in-10 share, rounded half up) of them.
    (The PAL reference code hard-codes its own list of majority unseen workers.)
 
+Leakage, as in the paper's protocol: `validation` is a per-comparison draw from the seen users' HF-train comparisons,
+and `unseen_train` / `unseen_test` a per-comparison split of each unseen user's comparisons, so one Reddit post (with a
+different pair of summaries) can occur on both sides. `test` comes from the HF validation split, whose posts are not
+those of the HF train split. `load_summary_lore_preferences` splits by post instead.
+
 Output text: `prompt` is `"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"` (lines with no value
 are left out); `chosen` / `rejected` are the stripped summaries with one leading space, so that `prompt + chosen`
 reads as the TL;DR format.
