@@ -159,8 +159,10 @@ def test_fewer_reward_models():
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="does not exist|is not a folder"):
+    with pytest.raises(ValueError, match="does not exist: pass a Hub dataset id"):
         load_personalllm_preferences(tmp_path / "absent", **SMALL)
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        load_personalllm_preferences(FIXTURE_DIR / "README.md", **SMALL)
     with pytest.raises(ValueError, match="no data for the split"):
         load_personalllm_preferences(tmp_path, **SMALL)
     broken = tmp_path / "broken"

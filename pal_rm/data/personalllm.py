@@ -164,8 +164,9 @@ def _read_source(source: str | os.PathLike, reward_models: Sequence[str]) -> dic
                     _check_columns(list(row), reward_models, f"Row {index} of the {split!r} data of {source!r}")
             return rows
     elif looks_like_local_path(source) or os.path.isfile(source):
+        problem = "is a file, not a folder" if os.path.isfile(source) else "does not exist"
         raise ValueError(
-            f"`source` {source!r} is not a folder: pass a Hub dataset id (default {PERSONALLLM_SOURCE!r}) or a folder "
+            f"`source` {source!r} {problem}: pass a Hub dataset id (default {PERSONALLLM_SOURCE!r}) or a folder "
             "holding its `train` and `test` splits."
         )
     else:
