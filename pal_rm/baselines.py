@@ -176,7 +176,9 @@ class LowRankRewardBasis:
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"`rank` must be an integer >= 1, got {rank!r}.")
         self.rank, self.l2, self.steps, self.learning_rate, self.seed = rank, l2, steps, learning_rate, seed
-        self.simplex_weights = bool(simplex_weights)
+        if not isinstance(simplex_weights, bool):
+            raise ValueError(f"`simplex_weights` must be True or False, got {simplex_weights!r}.")
+        self.simplex_weights = simplex_weights
         self.basis: torch.Tensor | None = None
         self.user_ids: list[str] = []
         self.weights: torch.Tensor | None = None

@@ -153,6 +153,8 @@ def test_low_rank_basis_learns_signed_users_and_new_users():
     simplex = LowRankRewardBasis(rank=4, l2=1e-3, steps=400, simplex_weights=True).fit(seen)
     torch.testing.assert_close(simplex.weights.sum(-1), torch.ones(12))
     assert (simplex.weights >= 0).all() and simplex.accuracy(seen) > 0.9
+    with pytest.raises(ValueError, match="`simplex_weights` must be True or False"):
+        LowRankRewardBasis(simplex_weights="yes")
     with pytest.raises(ValueError, match="`rank` must be an integer >= 1"):
         LowRankRewardBasis(rank=0)
     with pytest.raises(ValueError, match="no 'chosen_features' column"):

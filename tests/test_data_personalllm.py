@@ -173,6 +173,8 @@ def test_bad_input(tmp_path):
         load_personalllm_preferences(broken, **SMALL)
     with pytest.raises(ValueError, match="`reward_models` must be distinct names"):
         load_personalllm_preferences(FIXTURE_DIR, reward_models=["gpt_judge"], **SMALL)
+    with pytest.raises(ValueError, match="`normalize_scores` must be True or False"):
+        load_personalllm_preferences(FIXTURE_DIR, normalize_scores="false", **SMALL)
     with pytest.raises(ValueError, match="`pairs` must be one of"):
         load_personalllm_preferences(FIXTURE_DIR, pairs="all", **SMALL)
     with pytest.raises(ValueError, match="`test_pairs_per_user`=9 is more than the 8 prompts"):

@@ -92,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=OUTPUT_DIR)
     parser.add_argument("--smoke", action="store_true", help="A small demo dataset, 2 epochs and one LoRe setting.")
     args = parser.parse_args(argv)
+    if args.n < 2:
+        parser.error(f"--n must be at least 2 (the comparison's two notes), got {args.n}.")
     start = time.perf_counter()
     data_kwargs = {}
     if args.smoke:

@@ -61,6 +61,13 @@ def check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_share(name: str, value: Any) -> float:
+    """A share in (0, 1], such as the fraction of users drawn as seen users."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0 < value <= 1:
+        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}.")
+    return float(value)
+
+
 def check_fractions(validation_fraction: Any, test_fraction: Any | None = None) -> None:
     fractions = {"validation_fraction": validation_fraction}
     if test_fraction is not None:

@@ -364,6 +364,8 @@ def load_personalllm_preferences(
     check_fractions(validation_fraction)
     if validation_fraction == 0:
         raise ValueError("`validation_fraction` must be > 0: the seen users need validation prompts.")
+    if not isinstance(normalize_scores, (bool, np.bool_)):
+        raise ValueError(f"`normalize_scores` must be True or False, got {normalize_scores!r}.")
     if pairs not in PAIR_RULES:
         raise ValueError(f"`pairs` must be one of {PAIR_RULES}, got {pairs!r}.")
     if isinstance(reward_models, str) or not reward_models:

@@ -80,6 +80,7 @@ from ._common import (
     check_fractions,
     check_int,
     check_seed,
+    check_share,
     data_files,
     empty_rows,
     looks_like_local_path,
@@ -323,12 +324,7 @@ def load_prism_preferences(
     >>> dataset = load_prism_preferences()  # doctest: +SKIP
     ```
     """
-    if (
-        isinstance(seen_fraction, bool)
-        or not isinstance(seen_fraction, (int, float, np.number))
-        or not 0 < seen_fraction <= 1
-    ):
-        raise ValueError(f"`seen_fraction` must be a number in (0, 1], got {seen_fraction!r}.")
+    check_share("seen_fraction", seen_fraction)
     min_conversations = check_int("min_conversations", min_conversations, minimum=1)
     check_fractions(validation_fraction, test_fraction)
     if test_fraction == 0:

@@ -102,6 +102,7 @@ from ._common import (
     check_fractions,
     check_int,
     check_seed,
+    check_share,
     data_files,
     empty_rows,
     looks_like_local_path,
@@ -522,12 +523,7 @@ def load_summary_lore_preferences(
     >>> dataset = load_summary_lore_preferences()  # doctest: +SKIP
     ```
     """
-    if (
-        isinstance(seen_fraction, bool)
-        or not isinstance(seen_fraction, (int, float, np.number))
-        or not 0 < seen_fraction <= 1
-    ):
-        raise ValueError(f"`seen_fraction` must be a number in (0, 1], got {seen_fraction!r}.")
+    check_share("seen_fraction", seen_fraction)
     seen_train_comparisons = check_int("seen_train_comparisons", seen_train_comparisons, minimum=1)
     unseen_shots = check_int("unseen_shots", unseen_shots, minimum=1)
     min_train_comparisons = check_int("min_train_comparisons", min_train_comparisons, minimum=1)
