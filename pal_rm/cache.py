@@ -660,11 +660,104 @@ def featurize_preferences(
     return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
 
 
+def featurize_image_preferences(
+    dataset,
+    model,
+    processor,
+    cache: FeatureStore | None = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+    convert_to_rgb: bool = False,
+):
+    """
+    The image counterpart of [`featurize_preferences`]: replaces the images and captions of an image preference
+    dataset by the frozen two-tower backbone's embeddings (the image tower's for `chosen_image` and `rejected_image`,
+    the text tower's for the `prompt` caption), so that PAL heads built with `PalConfig(feature_dim=...)` and no
+    backbone train on exactly the features a frozen image `PalRewardTrainer` would compute. This is the form of the
+    embeddings the PAL authors release for Pick-a-Pic and Pick-a-Filter.
+
+    `dataset` is a `Dataset` or `DatasetDict` with `prompt` (non-empty captions), `chosen_image` and
+    `rejected_image`; `model` a [`PalRewardModel`] on a CLIP or SigLIP backbone and `processor` its processor. The
+    result has `prompt_features`, `chosen_features` and `rejected_features` in place of those columns; every other
+    column is kept. Each distinct image (by its pixels) and caption is encoded once across all splits, through
+    `cache` (a [`FeatureStore`]; a new one in memory by default). Images are checked as the trainer checks them: RGB
+    only unless `convert_to_rgb=True`.
+    """
+    from datasets import Dataset, DatasetDict
+
+    if model.backbone is None or not model.is_image_model:
+        raise ValueError(
+            "`featurize_image_preferences` needs a PAL model on a two-tower image-text backbone (CLIP, SigLIP) to "
+            "encode the images; for texts use `featurize_preferences`."
+        )
+    splits = dataset if isinstance(dataset, DatasetDict) else {"data": dataset}
+    items = {}
+    for name, split in splits.items():
+        missing = [c for c in ("prompt", "chosen_image", "rejected_image") if c not in split.column_names]
+        if missing:
+            raise ValueError(
+                f"The {name} split has no {missing} column(s): it needs prompt (the caption), chosen_image and "
+                "rejected_image."
+            )
+        captions = split["prompt"]
+        for row, caption in enumerate(captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(
+                    f"Row {row} of the {name} split has the caption {caption!r}: a non-empty string is needed."
+                )
+        items[name] = (captions, split["chosen_image"], split["rejected_image"])
+    cache = cache if cache is not None else FeatureStore()
+    fingerprint = image_backbone_fingerprint(model, processor)
+    images = [image for captions, chosen, rejected in items.values() for image in (*chosen, *rejected)]
+    image_rows = cache.encode_image_rows(
+        model,
+        processor,
+        images,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        fingerprint=fingerprint,
+        convert_to_rgb=convert_to_rgb,
+    )
+    captions = list(dict.fromkeys(caption for caption, _, _ in items.values() for caption in caption))
+    caption_rows = dict(
+        zip(
+            captions,
+            cache.encode_rows(
+                model,
+                processor.tokenizer,
+                captions,
+                batch_size=batch_size,
+                show_progress=show_progress,
+                fingerprint=fingerprint,
+            ),
+        )
+    )
+    table = cache.table.float().numpy()
+    output, start = {}, 0
+    for name, split in splits.items():
+        split_captions, chosen, _ = items[name]
+        count = len(chosen)
+        chosen_rows = image_rows[start : start + count]
+        rejected_rows = image_rows[start + count : start + 2 * count]
+        start += 2 * count
+        columns = {
+            column: split[column]
+            for column in split.column_names
+            if column not in ("prompt", "chosen_image", "rejected_image")
+        }
+        columns["prompt_features"] = table[[caption_rows[caption] for caption in split_captions]].tolist()
+        columns["chosen_features"] = table[chosen_rows].tolist()
+        columns["rejected_features"] = table[rejected_rows].tolist()
+        output[name] = Dataset.from_dict(columns)
+    return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
+
+
 __all__ = [
     "FeatureStore",
     "backbone_fingerprint",
     "backbone_hash",
     "distributed_state",
+    "featurize_image_preferences",
     "featurize_preferences",
     "resolve_feature_dtype",
     "text_key",

@@ -332,3 +332,25 @@ def test_readme_results_are_generated_from_the_committed_json():
     assert render.main(["--check"]) == 0, (
         "README.md's Results section is stale: run examples/benchmarks/render_results.py"
     )
+
+
+def test_pick_a_filter_smoke(tmp_path):
+    load_script("pick_a_filter").main(["--smoke", "--output_dir", str(tmp_path)])
+    result = read(tmp_path, "pick_a_filter")
+    assert result["source"] == "fixture" and result["shots"] == 4
+    assert set(result["filtered_images"]) == {"none", "chosen", "rejected"}
+    assert sum(result["sizes"].values()) == sum(result["filtered_images"].values())
+    assert set(result["models"]) == {
+        "one reward for everyone",
+        "independent head per user",
+        "per-group oracle",
+        "LoRe (low-rank basis)",
+        "PAL-A K=2",
+        "PAL-B K=2",
+    }
+    for name, values in result["models"].items():
+        assert in_unit_interval(values["validation_accuracy"]) and in_unit_interval(values["seen_accuracy"])
+        unseen = (
+            values["unseen_accuracy_true_mixture"] if name == "per-group oracle" else values["unseen_accuracy"]["4"]
+        )
+        assert in_unit_interval(unseen)

@@ -245,7 +245,7 @@ def test_evaluation_prompts_are_never_training_prompts(tmp_path, caplog):
     for row in rows:  # every participant opens with the same message
         row["opening_prompt"] = row["conversation_history"][0]["content"] = "Hello"
     (tmp_path / "conversations.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
-    with caplog.at_level(logging.INFO, logger="pal_rm.data.prism"):
+    with caplog.at_level(logging.INFO, logger="pal_rm.data"):
         dataset = load_prism_preferences(tmp_path, seed=0)
     assert "test comparisons have a training prompt: dropped." in caplog.text
     assert any(turn == 0 for turn in dataset["train"]["turn"])

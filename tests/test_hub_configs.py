@@ -22,6 +22,7 @@ def test_every_published_checkpoint_has_a_recipe():
         "pal-summary-lore.yaml",
         "pal-prism.yaml",
         "pal-personalllm.yaml",
+        "pal-pick-a-filter.yaml",
     } <= names
 
 
@@ -31,12 +32,13 @@ def test_recipe_parses_with_the_real_parser(recipe):
     name = os.path.basename(recipe).removesuffix(".yaml")
     assert training_args.hub_model_id.endswith("/" + name)  # names the Hub repo it publishes to
     assert (
-        script_args.dataset_name in {"demo", "persona", "summary", "summary_lore", "prism", "personalllm"}
+        script_args.dataset_name
+        in {"demo", "persona", "summary", "summary_lore", "prism", "personalllm", "pick_a_filter"}
         or name == "pal-own-data"
     )
     assert model_args.variant in {"a", "b"} and model_args.num_prototypes >= 1
     assert not training_args.train_backbone
-    if script_args.dataset_name in {"persona", "summary", "summary_lore", "prism", "personalllm"}:
+    if script_args.dataset_name in {"persona", "summary", "summary_lore", "prism", "personalllm", "pick_a_filter"}:
         assert script_args.dataset_path  # persona needs its folder, the Hub loaders their source
 
 
@@ -47,6 +49,7 @@ def test_recipe_parses_with_the_real_parser(recipe):
         ("pal-summary-lore.yaml", "summarize_from_feedback_lore"),
         ("pal-prism.yaml", "prism_alignment"),
         ("pal-personalllm.yaml", "personalllm"),
+        ("pal-pick-a-filter.yaml", "pickapic_v1"),
     ],
 )
 def test_hub_loader_recipes_load_their_data(recipe, fixture):

@@ -28,6 +28,14 @@ Only the train split is required: without an unseen-user pair of splits there is
 seen-user accuracy is reported on the validation split (said so in the log and in `results.json`), and without either
 no held-out accuracy is reported. The test split is never used during training.
 
+Image preferences (rows of `prompt`, `chosen_image`, `rejected_image` and a user column, such as the Pick-a-Filter
+loader's) train on a frozen two-tower image-text backbone, each image and caption encoded once and cached:
+
+```bash
+python trainers/train_pal.py --config hub_configs/pal-pick-a-filter.yaml
+python trainers/train_pal.py --dataset_name data/my-image-preferences --model_name_or_path openai/clip-vit-base-patch32
+```
+
 LoRA on an LLM backbone (TRL's `ModelConfig` flags; the adapter goes on the backbone only) and resuming a run:
 
 ```bash
@@ -51,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from datasets import DatasetDict
-from transformers import AutoTokenizer, set_seed
+from transformers import AutoProcessor, AutoTokenizer, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
@@ -64,7 +72,7 @@ from pal_rm.utils import MINILM, resolve_model_path
 
 logger = logging.get_logger(__name__)
 
-BUILTIN_DATASETS = ("demo", "persona", "summary", "summary_lore", "prism", "personalllm")
+BUILTIN_DATASETS = ("demo", "persona", "summary", "summary_lore", "prism", "personalllm", "pick_a_filter")
 # Local data files and the `datasets` builder that reads them.
 DATA_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -78,7 +86,8 @@ class PalScriptArguments:
         default="demo",
         metadata={
             "help": "A loader of `pal_rm.data` ('demo' (built-in, offline), 'persona', 'summary' (Li et al. protocol), "
-            "'summary_lore' (LoRe protocol), 'prism' or 'personalllm'), or your own TRL "
+            "'summary_lore' (LoRe protocol), 'prism', 'personalllm' or 'pick_a_filter' (images: needs a CLIP or "
+            "SigLIP --model_name_or_path)), or your own TRL "
             "preference dataset with a user column: a Hub id, a local folder (one split per data file, named after "
             "the file: train.jsonl, validation.jsonl, test.jsonl, ...; or a `save_to_disk` folder), or local "
             ".jsonl/.json/.parquet/.csv files (one file: the train split; several, comma-separated: one split each, "
@@ -91,8 +100,8 @@ class PalScriptArguments:
     dataset_path: str | None = field(
         default=None,
         metadata={
-            "help": "Data location for the loader: the persona jsonl folder, or the summary or PRISM source (Hub id or "
-            "local copy)."
+            "help": "Data location for the loader: the persona jsonl folder, or the source of a Hub loader (summary, "
+            "PRISM, PersonalLLM, Pick-a-Pic v1 for pick_a_filter: a Hub id or a local copy)."
         },
     )
     dataset_kwargs: dict[str, Any] | str | None = field(
@@ -204,6 +213,9 @@ def load_preference_dataset(script_args: PalScriptArguments) -> DatasetDict:
     if name == "personalllm":
         source = script_args.dataset_path or "namkoong-lab/PersonalLLM"
         return data.load_personalllm_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
+    if name == "pick_a_filter":
+        source = script_args.dataset_path or "yuvalkirstain/pickapic_v1"
+        return data.load_pick_a_filter_preferences(source=source, seed=script_args.dataset_seed, **kwargs)
     return load_own_dataset(name, script_args.dataset_config, kwargs)
 
 
@@ -336,11 +348,13 @@ def select_splits(dataset: DatasetDict, script_args: PalScriptArguments, user_co
                 f"Split {chosen[role]!r} of {script_args.dataset_name!r} has no user column {user_column!r} "
                 f"(columns: {columns}). Name the column that says which user made each comparison with `--user_column`."
             )
-        if not ({"chosen", "rejected"} <= set(columns) or {"chosen_features", "rejected_features"} <= set(columns)):
+        pairs = ({"chosen", "rejected"}, set(FEATURE_COLUMNS), set(IMAGE_COLUMNS))
+        if not any(pair <= set(columns) for pair in pairs):
             raise ValueError(
                 f"Split {chosen[role]!r} of {script_args.dataset_name!r} has no `chosen` and `rejected` columns "
                 f"(columns: {columns}). PAL trains on TRL preference data: `prompt` (optional), `chosen`, `rejected` "
-                "and a user column; rename the columns first."
+                "and a user column (or `prompt`, `chosen_image` and `rejected_image` for images); rename the columns "
+                "first."
             )
     if unknown_users == "error":
         known = set(splits["train"][user_column])
@@ -485,9 +499,13 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         "head_hidden_dims": model_args.head_hidden_dims,
         "head_activation": model_args.head_activation,
     }
+    images = holds_images(dataset)
+    if images:
+        check_image_arguments(model_args, training_args)
     if feature_dim is None:
         backbone_path = resolve_model_path(model_args.model_name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(backbone_path)
+        # an image model reads images and captions with its backbone's processor (CLIP, SigLIP)
+        tokenizer = (AutoProcessor if images else AutoTokenizer).from_pretrained(backbone_path)
         backbone_kwargs = backbone_loading_kwargs(model_args)
         peft_config = get_peft_config(model_args)
     else:  # heads on precomputed features: no backbone, no tokenizer
@@ -574,8 +592,11 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
     }
     trainer.save_model(training_args.output_dir)
     sanity = {}
-    if script_args.sanity_checks and feature_dim is not None:
-        logger.warning("The sanity checks score texts; this run trains on precomputed features, so they are skipped.")
+    if script_args.sanity_checks and (feature_dim is not None or images):
+        logger.warning(
+            "The sanity checks score texts; this run trains on "
+            f"{'precomputed features' if feature_dim is not None else 'images'}, so they are skipped."
+        )
     elif script_args.sanity_checks:
         sanity = run_sanity_checks(trainer, tokenizer, dataset)
 
@@ -621,14 +642,49 @@ def main(script_args: PalScriptArguments, model_args: PalModelArguments, trainin
         print_sanity_checks(sanity)
         output_dir = os.path.abspath(training_args.output_dir)
         print(f"\nSaved to {output_dir} in {time.time() - start:.0f} s. Load it back with:\n")
-        print("    import pal_rm; from transformers import AutoModel, AutoTokenizer")
+        reader = "AutoProcessor" if images else "AutoTokenizer"
+        print(f"    import pal_rm; from transformers import AutoModel, {reader}")
         load = f"    model = AutoModel.from_pretrained({output_dir!r})"
-        print(load + (f"; tokenizer = AutoTokenizer.from_pretrained({output_dir!r})" if tokenizer is not None else ""))
+        if tokenizer is not None:
+            load += f"; {'processor' if images else 'tokenizer'} = {reader}.from_pretrained({output_dir!r})"
+        print(load)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=model_card_dataset_name(script_args))
 
 
 FEATURE_COLUMNS = ("chosen_features", "rejected_features")
+IMAGE_COLUMNS = ("chosen_image", "rejected_image")
+
+
+def holds_images(dataset: DatasetDict) -> bool:
+    """Whether the dataset holds image preference rows (`prompt`, `chosen_image`, `rejected_image`): PAL then trains
+    on a frozen two-tower image-text backbone (CLIP, SigLIP) read with its processor, its image and caption features
+    encoded once and cached."""
+    return any(set(IMAGE_COLUMNS) & set(part.column_names) for part in dataset.values())
+
+
+def check_image_arguments(model_args: PalModelArguments, training_args: PalRewardConfig) -> None:
+    """Settings an image run cannot honour are an error, not ignored."""
+    if model_args.model_name_or_path == MINILM:
+        raise ValueError(
+            "The dataset holds images, so PAL needs a two-tower image-text backbone: pass `--model_name_or_path` a "
+            "CLIP or SigLIP model (for example laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the PAL paper's), not the "
+            "default text backbone."
+        )
+    given = [
+        name
+        for name, set_ in {
+            "--use_peft": model_args.use_peft,
+            "--train_backbone": training_args.train_backbone,
+            "--pooling": model_args.pooling is not None,
+        }.items()
+        if set_
+    ]
+    if given:
+        raise ValueError(
+            f"The dataset holds images: PAL trains its heads on the frozen image backbone's cached features, so "
+            f"{given} cannot apply. Drop those arguments."
+        )
 
 
 def feature_dataset_dim(dataset: DatasetDict, model_args: PalModelArguments, training_args: PalRewardConfig):

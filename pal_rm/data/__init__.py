@@ -14,6 +14,7 @@ from .demo import (
 )
 from .persona import DEFAULT_PERSONAS, available_personas, load_persona_preferences
 from .personalllm import PERSONALLLM_REWARD_MODELS, load_personalllm_preferences
+from .pick_a_filter import PICK_A_FILTER_GROUPS, PICKAPIC_V1_SOURCE, load_pick_a_filter_preferences
 from .prism import load_prism_preferences
 from .summary import SUMMARY_GROUPS, load_summary_lore_preferences, load_summary_preferences
 from .synthetic import bayes_optimal_accuracy, load_synthetic_preferences
@@ -24,6 +25,8 @@ __all__ = [
     "DEMO_GROUP_PREFERENCES",
     "DEMO_PROPERTIES",
     "PERSONALLLM_REWARD_MODELS",
+    "PICKAPIC_V1_SOURCE",
+    "PICK_A_FILTER_GROUPS",
     "SPLIT_NAMES",
     "SUMMARY_GROUPS",
     "apply_color_filter",
@@ -35,6 +38,7 @@ __all__ = [
     "load_demo_preferences",
     "load_persona_preferences",
     "load_personalllm_preferences",
+    "load_pick_a_filter_preferences",
     "load_prism_preferences",
     "load_summary_lore_preferences",
     "load_summary_preferences",

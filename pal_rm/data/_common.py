@@ -9,13 +9,16 @@ import glob
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Sequence as SequenceFeature
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 SPLIT_NAMES = ("train", "validation", "test", "unseen_train", "unseen_test")
 """Splits of every loader: seen users (`train`, `validation`, `test`) and unseen users (`unseen_train`: the
@@ -251,3 +254,81 @@ def build_dataset_dict(rows: Mapping[str, Sequence[Mapping[str, Any]]], features
         columns = {name: [row[name] for row in split_rows] for name in features}
         splits[split] = Dataset.from_dict(columns, features=features, split=split)
     return DatasetDict(splits)
+
+
+def draw_seen_users(
+    eligible: Sequence[str], seen_fraction: float, seed: int, stream: int, eligibility: str, threshold: str, noun: str
+) -> set[str]:
+    """
+    The seen users of a Hub loader: a seeded `seen_fraction` (rounded down) of the `eligible` users (sorted ids),
+    drawn with `rng_for(seed, stream)`; the others are its unseen users. No seen user is an error that says why
+    (`"{n} {noun}s have {eligibility}"`) and what to lower (`threshold`); no unseen user is a warning.
+    """
+    num_seen = int(len(eligible) * seen_fraction)
+    if num_seen == 0:
+        raise ValueError(
+            f"{len(eligible)} {noun}s have {eligibility}, so seen_fraction={seen_fraction} leaves no seen user: lower "
+            f"{threshold}, raise `seen_fraction` or check `source`."
+        )
+    if num_seen == len(eligible):
+        logger.warning(
+            f"seen_fraction={seen_fraction} makes every eligible {noun} a seen user: the unseen splits are empty."
+        )
+    order = rng_for(seed, stream).permutation(len(eligible))
+    return {eligible[i] for i in order[:num_seen]}
+
+
+def split_user_units(
+    units: Mapping[str, Sequence[Sequence[Any]]],
+    eligible: Sequence[str],
+    seen: set[str],
+    validation_fraction: float,
+    test_fraction: float,
+    unseen_shots: int | None,
+    seed: int,
+    streams: tuple[int, int, int],
+    threshold: str,
+) -> dict[str, list]:
+    """
+    The five splits of a Hub loader whose split unit is one user's group of comparisons (a PRISM conversation, a
+    Pick-a-Pic user's prompt), so that one unit never spans two splits. `units` maps each user to their units (lists
+    of comparisons); users go in `eligible` order, each with its own streams (`streams`: seen, unseen, shots; `seed`
+    and the user's position among `eligible`).
+
+    A seen user's units are shuffled and split into `test` (`test_fraction`), `validation` (`validation_fraction`)
+    and `train` (the rest), each share of the user's unit count rounded half up (at least one unit for a non-zero
+    share; `threshold` names the argument to raise when a user has too few). An unseen user's units are shuffled:
+    `test_fraction` of them (at least one) give `unseen_test`, the others the few-shot `unseen_train`, whose
+    comparisons are shuffled and, with `unseen_shots`, cut to that many.
+    """
+    seen_stream, unseen_stream, shots_stream = streams
+    rows = empty_rows()
+    for position, user in enumerate(eligible):
+        user_units = units[user]
+        count = len(user_units)
+        if user in seen:
+            _, num_validation, num_test = split_sizes(count, validation_fraction, test_fraction, threshold)
+            shuffled = [user_units[i] for i in rng_for(seed, seen_stream, position).permutation(count)]
+            rows["test"] += [row for unit in shuffled[:num_test] for row in unit]
+            rows["validation"] += [row for unit in shuffled[num_test : num_test + num_validation] for row in unit]
+            rows["train"] += [row for unit in shuffled[num_test + num_validation :] for row in unit]
+        else:
+            num_test = max(1, round_half_up(count * test_fraction))
+            shuffled = [user_units[i] for i in rng_for(seed, unseen_stream, position).permutation(count)]
+            rows["unseen_test"] += [row for unit in shuffled[:num_test] for row in unit]
+            shots = [row for unit in shuffled[num_test:] for row in unit]
+            draw = rng_for(seed, shots_stream, position).permutation(len(shots))[:unseen_shots]
+            rows["unseen_train"] += [shots[i] for i in draw]
+    return rows
+
+
+def drop_training_prompts(rows: dict[str, list], key: Callable[[Any], Any], what: str = "prompt") -> None:
+    """Drops (in place, logged) the evaluation comparisons (`validation`, `test`, `unseen_test`) whose prompt, by
+    `key(row)`, is also the prompt of a training comparison (`train`, `unseen_train`) of any user: different users
+    may write the same prompt."""
+    training = {key(row) for split in ("train", "unseen_train") for row in rows[split]}
+    for split in ("validation", "test", "unseen_test"):
+        kept = [row for row in rows[split] if key(row) not in training]
+        if len(kept) < len(rows[split]):
+            logger.info(f"{len(rows[split]) - len(kept)} {split} comparisons have a training {what}: dropped.")
+        rows[split] = kept

@@ -82,12 +82,12 @@ from ._common import (
     check_seed,
     check_share,
     data_files,
-    empty_rows,
+    draw_seen_users,
+    drop_training_prompts,
     looks_like_local_path,
     read_data_files,
-    rng_for,
-    round_half_up,
     split_sizes,
+    split_user_units,
 )
 
 logger = logging.get_logger(__name__)
@@ -357,46 +357,28 @@ def load_prism_preferences(
     eligible = sorted(
         user for user, user_conversations in conversations.items() if len(user_conversations) >= min_conversations
     )
-    num_seen = int(len(eligible) * seen_fraction)
-    if num_seen == 0:
-        raise ValueError(
-            f"{len(eligible)} participants have >= {min_conversations} conversations with a comparison, so "
-            f"seen_fraction={seen_fraction} leaves no seen user: lower `min_conversations`, raise `seen_fraction` "
-            "or check `source`."
-        )
-    order = rng_for(seed, _USER_STREAM).permutation(len(eligible))
-    seen = {eligible[i] for i in order[:num_seen]}
-    if num_seen == len(eligible):
-        logger.warning(
-            f"seen_fraction={seen_fraction} makes every eligible participant a seen user: the unseen splits are empty."
-        )
-
-    rows = empty_rows()
-    for position, user in enumerate(eligible):  # users in id order, each with its own random stream
-        user_conversations = conversations[user]
-        count = len(user_conversations)
-        if user in seen:
-            _, num_validation, num_test = split_sizes(count, validation_fraction, test_fraction, "min_conversations")
-            shuffled = [user_conversations[i] for i in rng_for(seed, _SEEN_STREAM, position).permutation(count)]
-            rows["test"] += [row for conversation in shuffled[:num_test] for row in conversation]
-            validation = shuffled[num_test : num_test + num_validation]
-            rows["validation"] += [row for conversation in validation for row in conversation]
-            rows["train"] += [row for conversation in shuffled[num_test + num_validation :] for row in conversation]
-        else:
-            num_test = max(1, round_half_up(count * test_fraction))
-            shuffled = [user_conversations[i] for i in rng_for(seed, _UNSEEN_STREAM, position).permutation(count)]
-            rows["unseen_test"] += [row for conversation in shuffled[:num_test] for row in conversation]
-            shots = [row for conversation in shuffled[num_test:] for row in conversation]
-            draw = rng_for(seed, _SHOTS_STREAM, position).permutation(len(shots))[:unseen_shots]
-            rows["unseen_train"] += [shots[i] for i in draw]
-
+    seen = draw_seen_users(
+        eligible,
+        seen_fraction,
+        seed,
+        _USER_STREAM,
+        eligibility=f">= {min_conversations} conversations with a comparison",
+        threshold="`min_conversations`",
+        noun="participant",
+    )
+    rows = split_user_units(
+        conversations,
+        eligible,
+        seen,
+        validation_fraction,
+        test_fraction,
+        unseen_shots,
+        seed,
+        streams=(_SEEN_STREAM, _UNSEEN_STREAM, _SHOTS_STREAM),
+        threshold="min_conversations",
+    )
     # rule 9: an evaluation prompt is never a training prompt (two participants may open with the same message)
-    training_prompts = {_prompt_key(row) for split in ("train", "unseen_train") for row in rows[split]}
-    for split in ("validation", "test", "unseen_test"):
-        kept = [row for row in rows[split] if _prompt_key(row) not in training_prompts]
-        if len(kept) < len(rows[split]):
-            logger.info(f"{len(rows[split]) - len(kept)} {split} comparisons have a training prompt: dropped.")
-        rows[split] = kept
+    drop_training_prompts(rows, _prompt_key)
 
     logger.info(
         f"PRISM preferences: {len(eligible)} eligible participants ({len(seen)} seen, {len(eligible) - len(seen)} "

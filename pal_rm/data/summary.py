@@ -104,6 +104,7 @@ from ._common import (
     check_seed,
     check_share,
     data_files,
+    draw_seen_users,
     empty_rows,
     looks_like_local_path,
     read_data_files,
@@ -555,20 +556,17 @@ def load_summary_lore_preferences(
         for worker, rows in by_worker["train"].items()
         if len(rows) >= min_train_comparisons and len(by_worker["validation"].get(worker, ())) >= min_test_comparisons
     )
-    num_seen = int(len(eligible) * seen_fraction)
-    if num_seen == 0:
-        raise ValueError(
-            f"{len(eligible)} workers have >= {min_train_comparisons} train and >= {min_test_comparisons} validation "
-            f"comparisons, so seen_fraction={seen_fraction} leaves no seen user: lower the thresholds, raise "
-            "`seen_fraction` or check `source`."
-        )
-    order = rng_for(seed, _LORE_USER_STREAM).permutation(len(eligible))
-    seen = sorted(eligible[i] for i in order[:num_seen])
-    unseen = sorted(eligible[i] for i in order[num_seen:])
-    if not unseen:
-        logger.warning(
-            f"seen_fraction={seen_fraction} makes every eligible worker a seen user: the unseen splits are empty."
-        )
+    drawn = draw_seen_users(
+        eligible,
+        seen_fraction,
+        seed,
+        _LORE_USER_STREAM,
+        eligibility=f">= {min_train_comparisons} train and >= {min_test_comparisons} validation comparisons",
+        threshold="the thresholds",
+        noun="worker",
+    )
+    seen = sorted(drawn)
+    unseen = sorted(set(eligible) - drawn)
     index = {worker: position for position, worker in enumerate(eligible)}  # each worker's own random stream
 
     # validation posts: a seeded share of the HF-train posts, except those a user cannot do without
