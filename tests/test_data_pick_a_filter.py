@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from datasets import Image as DatasetImage
 from PIL import Image
 from transformers import AutoModel, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -130,6 +131,10 @@ def test_reads_a_dataset_a_parquet_file_and_another_split(source, tmp_path):
     source.save_to_disk(str(tmp_path / "saved"))
     from_disk = load_pick_a_filter_preferences(str(tmp_path / "saved"), mix_ratio=0.4, seed=0)
     assert from_disk["test"]["source_row"] == from_file["test"]["source_row"]
+    decoded = source.cast_column("jpg_0", DatasetImage()).cast_column("jpg_1", DatasetImage())  # PIL images
+    from_images = load_pick_a_filter_preferences(decoded, mix_ratio=0.4, seed=0)
+    row, reference = from_images["test"][0], from_file["test"][0]
+    np.testing.assert_array_equal(pixels(row["chosen_image"]), pixels(reference["chosen_image"]))
     validation = load_pick_a_filter_preferences(FIXTURE, source_split="validation", seed=0)
     assert {int(user) for user in validation["train"]["user_id"]} <= set(range(3000, 3006))
 

@@ -489,9 +489,11 @@ def print_sanity_checks(checks: dict[str, dict]) -> None:
 def main(script_args: PalScriptArguments, model_args: PalModelArguments, training_args: PalRewardConfig):
     start = time.time()
     set_seed(training_args.seed)
-    dataset = select_splits(
-        load_preference_dataset(script_args), script_args, training_args.user_column, training_args.unknown_users
-    )
+    # the main process first: it downloads the data and writes any `datasets` cache (Pick-a-Filter's images), which the
+    # other processes then read instead of writing the same files at the same time
+    with training_args.main_process_first(desc="loading the dataset"):
+        loaded = load_preference_dataset(script_args)
+    dataset = select_splits(loaded, script_args, training_args.user_column, training_args.unknown_users)
     training_args = without_evaluation_during_training(training_args, dataset)
     feature_dim = feature_dataset_dim(dataset, model_args, training_args)
     head_kwargs = {

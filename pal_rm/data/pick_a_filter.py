@@ -269,6 +269,10 @@ def _features() -> Features:
 def _image_bytes(value: Any, row: int, column: str) -> bytes:
     if isinstance(value, dict):  # an `Image` feature read without decoding
         value = value.get("bytes")
+    elif isinstance(value, PILImage.Image):  # a decoded `Image` feature: stored losslessly
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        value = buffer.getvalue()
     if not isinstance(value, (bytes, bytearray)) or not value:
         raise ValueError(f"Row {row} of the source has no image bytes in `{column}` (got {type(value).__name__}).")
     return bytes(value)
