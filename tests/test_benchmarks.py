@@ -335,8 +335,11 @@ def test_readme_results_are_generated_from_the_committed_json():
 
 
 def test_pick_a_filter_smoke(tmp_path):
-    load_script("pick_a_filter").main(["--smoke", "--output_dir", str(tmp_path)])
+    load_script("pick_a_filter").main(["--smoke", "--output_dir", str(tmp_path), "--build_rows", "40"])
     result = read(tmp_path, "pick_a_filter")
+    build = result["build_throughput"]
+    assert set(build) == {"1 process", "2 processes"}
+    assert build["1 process"]["comparisons"] == build["2 processes"]["comparisons"] > 0
     assert result["source"] == "fixture" and result["shots"] == 4
     assert set(result["filtered_images"]) == {"none", "chosen", "rejected"}
     assert sum(result["sizes"].values()) == sum(result["filtered_images"].values())

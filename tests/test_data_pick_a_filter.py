@@ -114,6 +114,11 @@ def test_deterministic_in_the_seed_and_unseen_shots_cut(dataset):
         assert again[split]["source_row"] == dataset[split]["source_row"]
         assert again[split]["filtered"] == dataset[split]["filtered"]
     assert any(other[split]["source_row"] != dataset[split]["source_row"] for split in dataset)
+    parallel = load_pick_a_filter_preferences(FIXTURE, mix_ratio=0.4, seed=0, num_proc=2)  # the same rows
+    for split in dataset:
+        assert parallel[split]["source_row"] == dataset[split]["source_row"]
+    row, reference = parallel["train"][-1], dataset["train"][-1]
+    np.testing.assert_array_equal(pixels(row["rejected_image"]), pixels(reference["rejected_image"]))
     cut = load_pick_a_filter_preferences(FIXTURE, mix_ratio=0.4, seed=0, unseen_shots=2)
     counts = defaultdict(int)
     for user in cut["unseen_train"]["user_id"]:

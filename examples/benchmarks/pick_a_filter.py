@@ -16,19 +16,27 @@ encoder:
 python examples/benchmarks/pick_a_filter.py                                   # offline fixture, seconds
 python examples/benchmarks/pick_a_filter.py --source yuvalkirstain/pickapic_v1 --source_split validation \\
     --backbone laion/CLIP-ViT-H-14-laion2B-s32B-b79K --mix_ratio 0.4
+python examples/benchmarks/pick_a_filter.py --build_rows 2000                 # + the loader's build speed, 1 minute
 ```
+
+`--build_rows N` also times the loader itself (decoding, filtering and re-encoding the images) on N comparisons of
+invented 512x512 JPEGs (Pick-a-Pic's size), read from disk, in one process and in `--build_processes` processes.
 
 Writes `outputs/benchmarks/pick_a_filter.json`.
 """
 
 import argparse
+import io
 import os
 import tempfile
 import time
 from collections import Counter
 
+import numpy as np
 from _common import OUTPUT_DIR, feature_models, lore_results, machine, markdown_table, training_args, write_json
+from datasets import Dataset, load_from_disk
 from images import build_backbone
+from PIL import Image
 from transformers import AutoProcessor
 
 from pal_rm import PalRewardModel
@@ -56,6 +64,8 @@ def main(argv=None):
     parser.add_argument("--cache_dir", default="outputs/cache", help="Feature store of a real backbone.")
     parser.add_argument("--output_dir", default=OUTPUT_DIR)
     parser.add_argument("--smoke", action="store_true", help="The fixture with 2 epochs.")
+    parser.add_argument("--build_rows", type=int, default=0, help="Also time the loader on this many comparisons.")
+    parser.add_argument("--build_processes", type=int, default=2)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     fixture = os.path.abspath(args.source) == os.path.abspath(FIXTURE)
@@ -104,11 +114,59 @@ def main(argv=None):
         "filtered_images": filtered,
         "shots": shots,
         "models": models,
-        "wall_time_seconds": time.perf_counter() - start,
     }
+    if args.build_rows:
+        results["build_throughput"] = build_throughput(args.build_rows, args.mix_ratio, args.build_processes)
+    results["wall_time_seconds"] = time.perf_counter() - start
     path = write_json("pick_a_filter", results, args.output_dir)
     print(f"\nWrote {path} ({results['wall_time_seconds']:.0f} s).")
     return results
+
+
+def build_throughput(num_rows: int, mix_ratio: float, processes: int) -> dict:
+    """Comparisons per second of `load_pick_a_filter_preferences` on `num_rows` invented comparisons of 512x512 JPEGs
+    (ten prompts per user), read from a `save_to_disk` folder, in one process and in `processes`; no run reuses another's cache."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 1, 512)[:, None, None]
+
+    def jpeg() -> bytes:  # a noisy two-colour gradient: about 90 KB, like a generated picture
+        top, bottom = rng.integers(0, 256, size=(2, 3))
+        pixels = top * (1 - ramp) + bottom * ramp + rng.normal(0, 12, (512, 512, 3))
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+
+    pool = [jpeg() for _ in range(64)]
+    num_users = max(2, num_rows // 10)  # ten prompts per user, one comparison each
+    labels = rng.integers(0, 2, num_rows).astype(float)
+    rows = {
+        "caption": [f"prompt {i % num_users}-{i // num_users}" for i in range(num_rows)],
+        "user_id": [i % num_users for i in range(num_rows)],
+        "label_0": labels.tolist(),
+        "label_1": (1 - labels).tolist(),
+        "jpg_0": [pool[i] for i in rng.integers(0, len(pool), num_rows)],
+        "jpg_1": [pool[i] for i in rng.integers(0, len(pool), num_rows)],
+    }
+    timings = {}
+    source = Dataset.from_dict(rows)
+    with tempfile.TemporaryDirectory() as folder:
+        for num_proc in sorted({1, processes}):
+            # a copy per run: `datasets` caches the built splits next to the source's files, and no run may reuse them
+            source.save_to_disk(os.path.join(folder, f"source-{num_proc}"))
+            source = load_from_disk(os.path.join(folder, f"source-{num_proc}"))
+            begin = time.perf_counter()
+            built = load_pick_a_filter_preferences(source, mix_ratio=mix_ratio, num_proc=num_proc)
+            seconds = time.perf_counter() - begin
+            count = sum(len(split) for split in built.values())
+            timings[f"{num_proc} process{'es' if num_proc > 1 else ''}"] = {
+                "comparisons": count,
+                "seconds": seconds,
+                "comparisons_per_second": count / seconds,
+            }
+    print(f"\nLoader build speed, {num_rows} comparisons of 512x512 JPEGs at beta {mix_ratio}:")
+    for name, values in timings.items():
+        print(f"  {name}: {values['comparisons_per_second']:.0f} comparisons/s ({values['seconds']:.1f} s)")
+    return timings
 
 
 if __name__ == "__main__":
