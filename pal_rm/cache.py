@@ -320,6 +320,8 @@ class FeatureStore:
         lockstep: bool = False,
         fingerprint: str | None = None,
         convert_to_rgb: bool = False,
+        chunk_size: int = 2048,
+        name: str = "images",
     ) -> list[int]:
         """
         The image counterpart of [`encode_rows`] for an image model (a two-tower image-text backbone): adds the image
@@ -327,20 +329,64 @@ class FeatureStore:
         once), writes the store's file, and returns the row of every image. Images are decoded and checked first
         ([`~pal_rm.modeling_pal.load_image`]: RGB only unless `convert_to_rgb=True`). `fingerprint` defaults to
         [`image_backbone_fingerprint`]; the other arguments are those of [`encode_rows`].
+
+        `images` is any sequence that slices (a list, or a dataset's column as [`ImageColumn`] reads it); they are read,
+        decoded and encoded `chunk_size` at a time, so memory holds one chunk of decoded images (about 1.5 GB for 2,048
+        images of 512x512), never all of them. The table grows once per chunk with new images. An image that cannot be
+        used is an error naming its position, as `{name}[position]`.
         """
+        from tqdm.auto import tqdm
+
+        from .modeling_pal import load_image
+
+        if isinstance(images, (str, bytes, os.PathLike, dict)) or hasattr(images, "getpixel"):
+            raise TypeError(f"`{name}` must be a sequence of images, got one {type(images).__name__}.")
+        chunk_size = max(1, int(chunk_size))
         scorer = model.image_scorer(processor, batch_size=batch_size, convert_to_rgb=convert_to_rgb)
         self._bind(fingerprint or image_backbone_fingerprint(model, processor))
-        images = scorer.load_images(images)
-        keys = [image_key(image) for image in images]
-        return self._encode_keyed(
-            keys, images, scorer.encode, lambda image: image.width * image.height, show_progress, distributed, lockstep
+        state = distributed_state() if distributed else None
+        chunked = len(images) > chunk_size
+        progress = tqdm(
+            total=len(images),
+            desc="Encoding images",
+            unit="image",
+            disable=not (show_progress and chunked and (state is None or state.is_main_process)),
         )
+        rows, size_before = [], len(self)  # the store grows alike on every process, so they agree on saving
+        for start in range(0, len(images), chunk_size):
+            chunk = [
+                load_image(image, f"{name}[{start + offset}]", convert_to_rgb)
+                for offset, image in enumerate(images[start : start + chunk_size])
+            ]
+            keys = [image_key(image) for image in chunk]
+            rows += self._encode_keyed(
+                keys,
+                chunk,
+                scorer.encode,
+                lambda image: image.width * image.height,
+                show_progress and not chunked,
+                distributed,
+                lockstep,
+                save=False,
+            )
+            progress.update(len(chunk))
+        progress.close()
+        if len(self) > size_before:
+            self._save_everywhere(state)
+        return rows
 
-    def _encode_keyed(self, keys, items, encode, size, show_progress, distributed, lockstep) -> list[int]:
+    def _save_everywhere(self, state) -> None:
+        """Writes the file once (the main process under several) and holds every process until it is complete."""
+        if state is None or state.is_main_process:
+            self.save()
+        if state is not None:
+            state.wait_for_everyone()
+
+    def _encode_keyed(self, keys, items, encode, size, show_progress, distributed, lockstep, save=True) -> list[int]:
         """
         Adds the features of the `items` whose key has no row (`encode(items, show_progress=, deduplicate=)`, each such
-        item once; split across processes with `distributed`, ordered by `size`), writes the file, and returns the
-        row of every item.
+        item once; split across processes with `distributed`, ordered by `size`), writes the file (unless
+        `save=False`: the caller writes it once it is done), and returns the row of every item.
         """
         missing = [key for key in dict.fromkeys(keys) if key not in self._rows]
         state = distributed_state() if distributed else None
@@ -355,10 +401,8 @@ class FeatureStore:
                 self._add_keyed(missing, features)
             else:
                 self._encode_sharded(encode, size, new_items, missing, state, show_progress, lockstep)
-            if state is None or state.is_main_process:
-                self.save()
-            if state is not None:
-                state.wait_for_everyone()  # the file is complete before any process goes on
+            if save:
+                self._save_everywhere(state)  # the file is complete before any process goes on
         return [self._rows[key] for key in keys]
 
     def encode(
@@ -660,6 +704,32 @@ def featurize_preferences(
     return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
 
 
+class ImageColumn(Sequence):
+    """
+    An image column of a `datasets.Dataset`, read lazily: an index or a slice reads those rows from the Arrow table
+    as undecoded cells (`{"bytes", "path"}` for a `datasets.Image` column, the stored value otherwise), so that
+    [`FeatureStore.encode_image_rows`] decodes one chunk at a time instead of the whole column.
+    """
+
+    def __init__(self, dataset, column: str):
+        from datasets import Image
+
+        if column not in dataset.column_names:
+            raise ValueError(f"The dataset has no {column!r} column (columns: {dataset.column_names}).")
+        part = dataset.select_columns([column])
+        if isinstance(part.features[column], Image) and part.features[column].decode:
+            part = part.cast_column(column, Image(decode=False))  # a change of the schema only: no copy
+        self._data, self._column = part, column
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._data[index][self._column]
+        return self._data[int(index)][self._column]
+
+
 def featurize_image_preferences(
     dataset,
     model,
@@ -691,7 +761,7 @@ def featurize_image_preferences(
             "encode the images; for texts use `featurize_preferences`."
         )
     splits = dataset if isinstance(dataset, DatasetDict) else {"data": dataset}
-    items = {}
+    captions = {}
     for name, split in splits.items():
         missing = [c for c in ("prompt", "chosen_image", "rejected_image") if c not in split.column_names]
         if missing:
@@ -699,33 +769,38 @@ def featurize_image_preferences(
                 f"The {name} split has no {missing} column(s): it needs prompt (the caption), chosen_image and "
                 "rejected_image."
             )
-        captions = split["prompt"]
-        for row, caption in enumerate(captions):
+        captions[name] = split["prompt"]
+        for row, caption in enumerate(captions[name]):
             if not isinstance(caption, str) or not caption.strip():
                 raise ValueError(
                     f"Row {row} of the {name} split has the caption {caption!r}: a non-empty string is needed."
                 )
-        items[name] = (captions, split["chosen_image"], split["rejected_image"])
     cache = cache if cache is not None else FeatureStore()
     fingerprint = image_backbone_fingerprint(model, processor)
-    images = [image for captions, chosen, rejected in items.values() for image in (*chosen, *rejected)]
-    image_rows = cache.encode_image_rows(
-        model,
-        processor,
-        images,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        fingerprint=fingerprint,
-        convert_to_rgb=convert_to_rgb,
+    image_rows = {
+        (name, column): cache.encode_image_rows(
+            model,
+            processor,
+            ImageColumn(split, column),  # read and decoded a chunk at a time
+            batch_size=batch_size,
+            show_progress=show_progress,
+            fingerprint=fingerprint,
+            convert_to_rgb=convert_to_rgb,
+            name=f"{name} split, {column}",
+        )
+        for name, split in splits.items()
+        for column in ("chosen_image", "rejected_image")
+    }
+    unique_captions = list(
+        dict.fromkeys(caption for split_captions in captions.values() for caption in split_captions)
     )
-    captions = list(dict.fromkeys(caption for caption, _, _ in items.values() for caption in caption))
     caption_rows = dict(
         zip(
-            captions,
+            unique_captions,
             cache.encode_rows(
                 model,
                 processor.tokenizer,
-                captions,
+                unique_captions,
                 batch_size=batch_size,
                 show_progress=show_progress,
                 fingerprint=fingerprint,
@@ -733,21 +808,16 @@ def featurize_image_preferences(
         )
     )
     table = cache.table.float().numpy()
-    output, start = {}, 0
+    output = {}
     for name, split in splits.items():
-        split_captions, chosen, _ = items[name]
-        count = len(chosen)
-        chosen_rows = image_rows[start : start + count]
-        rejected_rows = image_rows[start + count : start + 2 * count]
-        start += 2 * count
-        columns = {
-            column: split[column]
-            for column in split.column_names
-            if column not in ("prompt", "chosen_image", "rejected_image")
+        columns = split.remove_columns(["prompt", "chosen_image", "rejected_image"]).to_dict()
+        rows = {
+            "prompt_features": [caption_rows[caption] for caption in captions[name]],
+            "chosen_features": image_rows[(name, "chosen_image")],
+            "rejected_features": image_rows[(name, "rejected_image")],
         }
-        columns["prompt_features"] = table[[caption_rows[caption] for caption in split_captions]].tolist()
-        columns["chosen_features"] = table[chosen_rows].tolist()
-        columns["rejected_features"] = table[rejected_rows].tolist()
+        for column, column_rows in rows.items():
+            columns[column] = list(table[column_rows]) if column_rows else []  # one float32 array per row
         output[name] = Dataset.from_dict(columns)
     return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
 
@@ -757,6 +827,7 @@ __all__ = [
     "backbone_fingerprint",
     "backbone_hash",
     "distributed_state",
+    "ImageColumn",
     "featurize_image_preferences",
     "featurize_preferences",
     "resolve_feature_dtype",

@@ -241,6 +241,38 @@ def test_feature_store_keys_images_by_content(tokenizer, tmp_path):
     assert image_key(images[0]) == image_key(load_image(png_bytes(images[0])))
 
 
+def test_images_are_read_and_encoded_a_chunk_at_a_time(tokenizer, tmp_path, monkeypatch):
+    """A dataset's image column is read lazily (undecoded cells) and encoded in chunks: the same rows and features as
+    all at once, each image once across chunks, the file written once, errors naming the absolute position."""
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
+
+    from pal_rm.cache import ImageColumn
+
+    model = image_model("clip", tokenizer, "a")
+    processor = processor_for("clip", tokenizer)
+    images = random_images(4)
+    column = [images[0], images[1], images[0], images[2], images[3], images[1]]  # repeats across chunks
+    data = Dataset.from_dict(
+        {"chosen_image": column, "user": list("abcdef")},
+        features=Features({"chosen_image": ImageFeature(), "user": Value("string")}),
+    )
+    lazy = ImageColumn(data, "chosen_image")
+    assert len(lazy) == 6 and set(lazy[1:3][0]) == {"bytes", "path"}  # undecoded cells
+    whole = FeatureStore()
+    expected = whole.encode_image_rows(model, processor, column, show_progress=False)
+    saves = []
+    monkeypatch.setattr(FeatureStore, "save", lambda self: saves.append(len(self)))
+    chunked = FeatureStore(cache_dir=str(tmp_path / "cache"))
+    rows = chunked.encode_image_rows(model, processor, lazy, chunk_size=2, show_progress=False)
+    assert rows == expected == [0, 1, 0, 2, 3, 1] and chunked.num_encoded == 4
+    torch.testing.assert_close(chunked.table, whole.table)
+    assert saves == [4]  # once, at the end
+    broken = [*images[:3], b"not an image"]
+    with pytest.raises(ValueError, match=r"chosen_image\[3\].*could not be read as an image"):
+        FeatureStore().encode_image_rows(model, processor, broken, chunk_size=2, name="chosen_image")
+
+
 # ------------------------------------------------------------------ bad input
 
 

@@ -323,8 +323,8 @@ def test_remote_code_loads_without_pal_rm(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
-    for values in got.values():
-        assert values == pytest.approx(expected, abs=1e-6)
+    for values in got.values():  # the same maths; another process may sum in another order (float32: a few ULPs)
+        assert values == pytest.approx(expected, rel=1e-5, abs=1e-6)
 
 
 def test_pipeline_returns_raw_population_rewards_for_pal_a(tmp_path, word_tokenizer):

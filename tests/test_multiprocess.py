@@ -178,6 +178,25 @@ def test_fsdp2_sharded_pal_steps_and_replicated_user_table(tmp_path):
     assert torch.tensor(ranks[0]["replicated_gradient"]).abs().sum() > 0
 
 
+def test_two_processes_encode_an_image_column_in_chunks_once(tmp_path):
+    """An image column read a chunk at a time by two processes: each distinct image goes through one backbone once,
+    and both processes end with the one-process rows and table."""
+    ranks = launch("image_store_worker.py", tmp_path, str(tmp_path))
+    sys.path.insert(0, TESTS)
+    try:
+        from image_store_worker import encode
+    finally:
+        sys.path.remove(TESTS)
+    one = encode(str(tmp_path / "one"), distributed=False)
+    assert one["num_encoded"] == one["distinct"] == 7
+    for rank in ranks:
+        assert rank["num_processes"] == 2 and rank["rows"] == one["rows"]
+        torch.testing.assert_close(torch.tensor(rank["table"]), torch.tensor(one["table"]), atol=1e-5, rtol=0)
+    assert ranks[0]["table"] == ranks[1]["table"]
+    assert ranks[0]["num_encoded"] + ranks[1]["num_encoded"] == 7  # split between the processes, none twice
+    assert os.path.exists(tmp_path / "cache")
+
+
 # ---------------------------------------------------------------- in this process
 def test_processes_without_a_process_group_are_an_error(tmp_path, monkeypatch, word_tokenizer):
     args = PalRewardConfig(str(tmp_path), use_cpu=True)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from pal_rm.adaptation import NotEnoughValidationData, embed_pairs, fit_users
 from pal_rm.adaptation import fit_adaptation_prior as _fit_adaptation_prior
 from pal_rm.cache import (
     FeatureStore,
+    ImageColumn,
     backbone_fingerprint,
     distributed_state,
     image_backbone_fingerprint,
@@ -533,10 +535,11 @@ class PalRewardTrainer(RewardTrainer):
                 f"The {dataset_name} dataset has no {missing} column (columns: {columns}). An image PAL model trains on "
                 f"`prompt` (the caption), `chosen_image`, `rejected_image` and a user column.{texts}"
             )
-        chosen, rejected = _column_list(dataset, "chosen_image"), _column_list(dataset, "rejected_image")
-        rows = self._encode_items(chosen + rejected, processor, args, images=True)
-        num_rows = len(chosen)
-        output["chosen_index"], output["rejected_index"] = rows[:num_rows], rows[num_rows:]
+        for column in IMAGE_COLUMNS:  # read and decoded a chunk at a time, never the whole column
+            images = ImageColumn(dataset, column)
+            output[column.replace("_image", "_index")] = self._encode_items(
+                images, processor, args, images=True, name=f"{dataset_name} dataset, {column}"
+            )
         same = torch.tensor(output["chosen_index"]) == torch.tensor(output["rejected_index"])
         _check_distinct(same, dataset_name, "the same chosen and rejected image")
         if model.needs_prompt:
@@ -554,7 +557,7 @@ class PalRewardTrainer(RewardTrainer):
                     )
             output["prompt_index"] = self._encode_items(prompts, processor.tokenizer, args)
         else:
-            output["prompt_index"] = [-1] * num_rows
+            output["prompt_index"] = [-1] * len(dataset)
         return Dataset.from_dict(output)
 
     def _new_feature_store(self, model: PalRewardModel, processing_class, args: PalRewardConfig) -> FeatureStore:
@@ -578,7 +581,9 @@ class PalRewardTrainer(RewardTrainer):
             return self.embedding_cache
         return FeatureStore(dtype=args.feature_dtype)
 
-    def _encode_items(self, items: list, processing_class, args: PalRewardConfig, images: bool = False) -> list[int]:
+    def _encode_items(
+        self, items: Sequence, processing_class, args: PalRewardConfig, images: bool = False, name: str = "images"
+    ) -> list[int]:
         """
         Rows of `items` (texts, or images with `images=True` and the processor) in the feature store, encoding with
         the frozen backbone the items no row holds yet. Under several processes every process calls this with the
@@ -602,7 +607,7 @@ class PalRewardTrainer(RewardTrainer):
             with self.full_pal_parameters():
                 if images:
                     return self.embedding_cache.encode_image_rows(
-                        model, processing_class, items, convert_to_rgb=args.convert_images_to_rgb, **encode
+                        model, processing_class, items, convert_to_rgb=args.convert_images_to_rgb, name=name, **encode
                     )
                 return self.embedding_cache.encode_rows(
                     model, processing_class, items, max_length=args.max_length, **encode
