@@ -331,8 +331,8 @@ class FeatureStore:
         [`image_backbone_fingerprint`]; the other arguments are those of [`encode_rows`].
 
         `images` is any sequence that slices (a list, or a dataset's column as [`ImageColumn`] reads it); they are read,
-        decoded and encoded `chunk_size` at a time, so memory holds one chunk of decoded images (about 1.5 GB for 2,048
-        images of 512x512), never all of them. The table grows once per chunk with new images. An image that cannot be
+        decoded and encoded `chunk_size` at a time, so memory holds one chunk of decoded images (1.6 GB of pixels for
+        2,048 images of 512x512), never all of them. The table grows once per chunk with new images. An image that cannot be
         used is an error naming its position, as `{name}[position]`.
         """
         from tqdm.auto import tqdm
