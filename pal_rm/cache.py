@@ -320,7 +320,7 @@ class FeatureStore:
         lockstep: bool = False,
         fingerprint: str | None = None,
         convert_to_rgb: bool = False,
-        chunk_size: int = 2048,
+        chunk_size: int = 512,
         name: str = "images",
     ) -> list[int]:
         """
@@ -331,9 +331,10 @@ class FeatureStore:
         [`image_backbone_fingerprint`]; the other arguments are those of [`encode_rows`].
 
         `images` is any sequence that slices (a list, or a dataset's column as [`ImageColumn`] reads it); they are read,
-        decoded and encoded `chunk_size` at a time, so memory holds one chunk of decoded images (1.6 GB of pixels for
-        2,048 images of 512x512), never all of them. The table grows once per chunk with new images. An image that cannot be
-        used is an error naming its position, as `{name}[position]`.
+        decoded and encoded `chunk_size` at a time, so memory holds one chunk of decoded images, never all of them
+        (`python examples/benchmarks/pick_a_filter.py --memory_images 4000` measures it). The new features wait aside
+        and join the table at the end, in one copy. An image that cannot be used is an error naming its position, as
+        `{name}[position]`.
         """
         from tqdm.auto import tqdm
 
@@ -352,28 +353,40 @@ class FeatureStore:
             unit="image",
             disable=not (show_progress and chunked and (state is None or state.is_main_process)),
         )
-        rows, size_before = [], len(self)  # the store grows alike on every process, so they agree on saving
+        all_keys, new_keys, new_features = [], {}, []  # new images: key -> position among the new rows
         for start in range(0, len(images), chunk_size):
             chunk = [
                 load_image(image, f"{name}[{start + offset}]", convert_to_rgb)
                 for offset, image in enumerate(images[start : start + chunk_size])
             ]
             keys = [image_key(image) for image in chunk]
-            rows += self._encode_keyed(
-                keys,
-                chunk,
-                scorer.encode,
-                lambda image: image.width * image.height,
-                show_progress and not chunked,
-                distributed,
-                lockstep,
-                save=False,
-            )
+            all_keys += keys
+            missing = [key for key in dict.fromkeys(keys) if key not in self._rows and key not in new_keys]
+            if state is not None:
+                _check_same_keys(missing)  # every process decides alike
+            if missing:
+                by_key = dict(zip(keys, chunk))
+                items = [by_key[key] for key in missing]
+                show = show_progress and not chunked
+                if state is None:
+                    features = self._checked(scorer.encode(items, show_progress=show))
+                    self.num_encoded += len(items)
+                else:
+                    size = lambda image: image.width * image.height  # noqa: E731
+                    features = self._encode_sharded(
+                        scorer.encode, size, items, missing, state, show, lockstep, register=False
+                    )
+                new_keys.update((key, len(new_keys) + i) for i, key in enumerate(missing))
+                new_features.append(features)
             progress.update(len(chunk))
         progress.close()
-        if len(self) > size_before:
+        if new_keys:  # one growth of the table, not one per chunk
+            start = len(self)
+            self._grow(len(new_keys), new_features[0].shape[-1]).copy_(torch.cat(new_features))
+            self._register(list(new_keys), start)
+            del new_features
             self._save_everywhere(state)
-        return rows
+        return [self._rows[key] for key in all_keys]
 
     def _save_everywhere(self, state) -> None:
         """Writes the file once (the main process under several) and holds every process until it is complete."""
@@ -382,11 +395,11 @@ class FeatureStore:
         if state is not None:
             state.wait_for_everyone()
 
-    def _encode_keyed(self, keys, items, encode, size, show_progress, distributed, lockstep, save=True) -> list[int]:
+    def _encode_keyed(self, keys, items, encode, size, show_progress, distributed, lockstep) -> list[int]:
         """
         Adds the features of the `items` whose key has no row (`encode(items, show_progress=, deduplicate=)`, each such
-        item once; split across processes with `distributed`, ordered by `size`), writes the file (unless
-        `save=False`: the caller writes it once it is done), and returns the row of every item.
+        item once; split across processes with `distributed`, ordered by `size`), writes the file, and returns the
+        row of every item.
         """
         missing = [key for key in dict.fromkeys(keys) if key not in self._rows]
         state = distributed_state() if distributed else None
@@ -401,8 +414,7 @@ class FeatureStore:
                 self._add_keyed(missing, features)
             else:
                 self._encode_sharded(encode, size, new_items, missing, state, show_progress, lockstep)
-            if save:
-                self._save_everywhere(state)  # the file is complete before any process goes on
+            self._save_everywhere(state)  # the file is complete before any process goes on
         return [self._rows[key] for key in keys]
 
     def encode(
@@ -552,8 +564,9 @@ class FeatureStore:
             return keys, self.table
         return keys, self.table[torch.tensor(list(self._rows.values()), dtype=torch.long)]
 
-    def _encode_sharded(self, encode, size, items, keys, state, show_progress, lockstep) -> None:
-        """Each process encodes every `num_processes`-th item by size; the features are gathered into new rows."""
+    def _encode_sharded(self, encode, size, items, keys, state, show_progress, lockstep, register=True):
+        """Each process encodes every `num_processes`-th item by size; the features are gathered into new rows of the
+        table (`register=True`) or into a tensor that is returned (`register=False`; `keys` are then not used)."""
         world, rank = state.num_processes, state.process_index
         order = sorted(range(len(items)), key=lambda index: size(items[index]))  # the same on every process
         shards = [order[process::world] for process in range(world)]
@@ -576,9 +589,14 @@ class FeatureStore:
             if failure is not None:
                 raise RuntimeError(f"Encoding the texts failed on process {process}: {failure}")
         hidden_size = local.shape[1]
+        if not register:
+            gathered = torch.empty(len(items), hidden_size, dtype=self.dtype)
+            _all_gather_rows(local, gathered, shards, state)
+            return gathered
         start = len(self)
         _all_gather_rows(local, self._grow(len(items), hidden_size), shards, state)
         self._register(keys, start)
+        return None
 
 
 def distributed_state():

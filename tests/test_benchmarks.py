@@ -335,8 +335,12 @@ def test_readme_results_are_generated_from_the_committed_json():
 
 
 def test_pick_a_filter_smoke(tmp_path):
-    load_script("pick_a_filter").main(["--smoke", "--output_dir", str(tmp_path), "--build_rows", "40"])
+    arguments = ["--smoke", "--output_dir", str(tmp_path), "--build_rows", "40", "--memory_images", "6"]
+    load_script("pick_a_filter").main(arguments)
     result = read(tmp_path, "pick_a_filter")
+    memory = result["encoding_memory"]
+    assert set(memory) == {"chunks of 6", "chunks of 512", "chunks of 2048"}
+    assert all(run["encoded"] == 6 and run["peak_gib"] >= run["before_gib"] > 0 for run in memory.values())
     build = result["build_throughput"]
     assert set(build) == {"1 process", "2 processes"}
     assert build["1 process"]["comparisons"] == build["2 processes"]["comparisons"] > 0

@@ -21,26 +21,34 @@ python examples/benchmarks/pick_a_filter.py --build_rows 2000                 # 
 
 `--build_rows N` also times the loader itself (decoding, filtering and re-encoding the images) on N comparisons of
 invented 512x512 JPEGs (Pick-a-Pic's size), read from disk, in one process and in `--build_processes` processes.
+`--memory_images N` measures the peak memory of encoding N distinct 512x512 images of a dataset column with the
+frozen backbone (`FeatureStore.encode_image_rows` on an `ImageColumn`, as the trainer and
+`featurize_image_preferences` do), a chunk of 512 (the default), of 2,048 and of all N images at a time, each in a
+fresh process.
 
 Writes `outputs/benchmarks/pick_a_filter.json`.
 """
 
 import argparse
 import io
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
 
 import numpy as np
 from _common import OUTPUT_DIR, feature_models, lore_results, machine, markdown_table, training_args, write_json
-from datasets import Dataset, load_from_disk
+from datasets import Dataset, Features, load_from_disk
+from datasets import Image as DatasetImage
 from images import build_backbone
 from PIL import Image
 from transformers import AutoProcessor
 
 from pal_rm import PalRewardModel
-from pal_rm.cache import FeatureStore, featurize_image_preferences
+from pal_rm.cache import FeatureStore, ImageColumn, featurize_image_preferences
 from pal_rm.data import PICKAPIC_V1_SOURCE, load_pick_a_filter_preferences
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "pickapic_v1")
@@ -66,7 +74,11 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="The fixture with 2 epochs.")
     parser.add_argument("--build_rows", type=int, default=0, help="Also time the loader on this many comparisons.")
     parser.add_argument("--build_processes", type=int, default=2)
+    parser.add_argument("--memory_images", type=int, default=0, help="Also measure encoding memory on N images.")
+    parser.add_argument("--memory_child", nargs=2, help=argparse.SUPPRESS)  # (dataset folder, chunk size)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        return encode_in_chunks(*args.memory_child)
     start = time.perf_counter()
     fixture = os.path.abspath(args.source) == os.path.abspath(FIXTURE)
     shots = args.unseen_shots or (4 if fixture else 10)
@@ -117,26 +129,30 @@ def main(argv=None):
     }
     if args.build_rows:
         results["build_throughput"] = build_throughput(args.build_rows, args.mix_ratio, args.build_processes)
+    if args.memory_images:
+        results["encoding_memory"] = encoding_memory(args.memory_images)
     results["wall_time_seconds"] = time.perf_counter() - start
     path = write_json("pick_a_filter", results, args.output_dir)
     print(f"\nWrote {path} ({results['wall_time_seconds']:.0f} s).")
     return results
 
 
+def invented_jpeg(rng: np.random.Generator) -> bytes:
+    """A noisy two-colour gradient, 512x512, as JPEG bytes: about 90 KB, like a generated picture."""
+    ramp = np.linspace(0, 1, 512)[:, None, None]
+    top, bottom = rng.integers(0, 256, size=(2, 3))
+    pixels = top * (1 - ramp) + bottom * ramp + rng.normal(0, 12, (512, 512, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def build_throughput(num_rows: int, mix_ratio: float, processes: int) -> dict:
     """Comparisons per second of `load_pick_a_filter_preferences` on `num_rows` invented comparisons of 512x512 JPEGs
-    (ten prompts per user), read from a `save_to_disk` folder, in one process and in `processes`; no run reuses another's cache."""
+    (ten prompts per user), read from a `save_to_disk` folder, in one process and in `processes`; no run reuses
+    another's cache."""
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 1, 512)[:, None, None]
-
-    def jpeg() -> bytes:  # a noisy two-colour gradient: about 90 KB, like a generated picture
-        top, bottom = rng.integers(0, 256, size=(2, 3))
-        pixels = top * (1 - ramp) + bottom * ramp + rng.normal(0, 12, (512, 512, 3))
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-        return buffer.getvalue()
-
-    pool = [jpeg() for _ in range(64)]
+    pool = [invented_jpeg(rng) for _ in range(64)]
     num_users = max(2, num_rows // 10)  # ten prompts per user, one comparison each
     labels = rng.integers(0, 2, num_rows).astype(float)
     rows = {
@@ -167,6 +183,58 @@ def build_throughput(num_rows: int, mix_ratio: float, processes: int) -> dict:
     for name, values in timings.items():
         print(f"  {name}: {values['comparisons_per_second']:.0f} comparisons/s ({values['seconds']:.1f} s)")
     return timings
+
+
+def encoding_memory(num_images: int) -> dict:
+    """Peak memory of encoding `num_images` distinct invented 512x512 images of a dataset column, by chunk size, each
+    chunk size in a fresh process (`--memory_child`)."""
+    rng = np.random.default_rng(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        rows = {"image": [{"bytes": invented_jpeg(rng), "path": None} for _ in range(num_images)]}
+        Dataset.from_dict(rows, features=Features({"image": DatasetImage()})).save_to_disk(
+            os.path.join(folder, "data")
+        )
+        for chunk_size in sorted({512, 2048, num_images}):
+            command = [sys.executable, os.path.abspath(__file__), "--memory_child", os.path.join(folder, "data")]
+            completed = subprocess.run([*command, str(chunk_size)], capture_output=True, text=True, check=True)
+            results[f"chunks of {chunk_size}"] = json.loads(completed.stdout.strip().splitlines()[-1])
+    decoded = num_images * 512 * 512 * 3 / 2**30
+    print(f"\nEncoding {num_images} images of 512x512 ({decoded:.1f} GiB of pixels), peak resident memory:")
+    for name, values in results.items():
+        print(f"  {name}: {values['peak_gib']:.2f} GiB ({values['before_gib']:.2f} GiB before encoding)")
+    return results
+
+
+def encode_in_chunks(folder: str, chunk_size: str) -> dict:
+    """The child of `encoding_memory`: encodes the folder's image column with a tiny random CLIP; prints the peak
+    resident memory before and after, in GiB (Linux's `VmHWM`: unlike `ru_maxrss`, it starts afresh at `exec`, so the
+    parent's memory does not count)."""
+
+    def peak_gib() -> float:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20  # kB
+
+    data = load_from_disk(folder)
+    with tempfile.TemporaryDirectory() as backbone_folder:
+        backbone = build_backbone(backbone_folder, seed=0)
+        processor = AutoProcessor.from_pretrained(backbone)
+        model = PalRewardModel.from_backbone(backbone, variant="a", num_prototypes=1).eval()
+    before = peak_gib()
+    store = FeatureStore()
+    begin = time.perf_counter()
+    store.encode_image_rows(
+        model, processor, ImageColumn(data, "image"), chunk_size=int(chunk_size), show_progress=False
+    )
+    result = {
+        "before_gib": before,
+        "peak_gib": peak_gib(),
+        "seconds": time.perf_counter() - begin,
+        "encoded": store.num_encoded,
+    }
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
