@@ -353,7 +353,7 @@ class FeatureStore:
             unit="image",
             disable=not (show_progress and chunked and (state is None or state.is_main_process)),
         )
-        all_keys, new_keys, new_features = [], {}, []  # new images: key -> position among the new rows
+        all_keys, new_keys, new_features = [], {}, []  # the keys of the new images, in order (a dict: fast lookups)
         for start in range(0, len(images), chunk_size):
             chunk = [
                 load_image(image, f"{name}[{start + offset}]", convert_to_rgb)
@@ -376,13 +376,16 @@ class FeatureStore:
                     features = self._encode_sharded(
                         scorer.encode, size, items, missing, state, show, lockstep, register=False
                     )
-                new_keys.update((key, len(new_keys) + i) for i, key in enumerate(missing))
+                new_keys.update(dict.fromkeys(missing))
                 new_features.append(features)
             progress.update(len(chunk))
         progress.close()
         if new_keys:  # one growth of the table, not one per chunk
             start = len(self)
-            self._grow(len(new_keys), new_features[0].shape[-1]).copy_(torch.cat(new_features))
+            rows = self._grow(len(new_keys), new_features[0].shape[-1])
+            for features in new_features:
+                rows[: len(features)] = features
+                rows = rows[len(features) :]
             self._register(list(new_keys), start)
             del new_features
             self._save_everywhere(state)
