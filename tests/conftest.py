@@ -76,6 +76,24 @@ def tiny_backbone_config(kind: str, vocab_size: int, num_layers: int = 1):
     )
 
 
+def tiny_clip(image_size: int = 32, projection_dim: int = 16):
+    """`(CLIPConfig, CLIPProcessor)` of a tiny two-tower CLIP read with MiniLM's tokenizer (packaged, offline) and a
+    CLIP image processor resizing to `image_size`."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPProcessor
+
+    from pal_rm.utils import MINILM, resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
+    layers = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text = {**layers, "vocab_size": len(tokenizer), "max_position_embeddings": 64, "pad_token_id": 0}
+    text.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = {**layers, "image_size": image_size, "patch_size": 8}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)
+    crop = {"height": image_size, "width": image_size}
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
+    return config, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 def tiny_model(kind: str = "gpt2", vocab_size: int = 64, seed: int = 0, **config_kwargs) -> PalRewardModel:
     torch.manual_seed(seed)
     defaults = {"num_prototypes": 3, "preference_dim": 8}

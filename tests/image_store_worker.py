@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import conftest  # noqa: E402, F401  (sets HF_HUB_OFFLINE first)
+from conftest import tiny_clip  # noqa: E402  (sets HF_HUB_OFFLINE first)
 
 
 def encode(cache_dir: str, distributed: bool) -> dict:
@@ -21,23 +21,13 @@ def encode(cache_dir: str, distributed: bool) -> dict:
     from datasets import Dataset, Features
     from datasets import Image as ImageFeature
     from PIL import Image
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPProcessor
 
     from pal_rm import PalConfig, PalRewardModel
     from pal_rm.cache import FeatureStore, ImageColumn
-    from pal_rm.utils import MINILM, resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
-    layers = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text = {**layers, "vocab_size": len(tokenizer), "max_position_embeddings": 24, "pad_token_id": 0}
-    text.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    backbone = CLIPConfig(
-        text_config=text, vision_config={**layers, "image_size": 32, "patch_size": 8}, projection_dim=16
-    )
+    backbone, processor = tiny_clip()
     torch.manual_seed(0)
     model = PalRewardModel(PalConfig(backbone_config=backbone, variant="a", num_prototypes=2, preference_dim=8)).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
     rng = np.random.default_rng(0)
     distinct = [Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)) for _ in range(7)]

@@ -9,10 +9,11 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_clip
 from datasets import Dataset
 from datasets import Image as DatasetImage
 from PIL import Image
-from transformers import AutoModel, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import AutoModel, CLIPModel, CLIPProcessor
 
 from pal_rm import PalRewardModel
 from pal_rm.cache import FeatureStore, featurize_image_preferences, image_backbone_fingerprint
@@ -175,17 +176,10 @@ def test_bad_input_is_a_clear_error(source, tmp_path):
 def clip_folder(tmp_path_factory) -> str:
     """A tiny CLIP with random weights and its processor (MiniLM's tokenizer), saved as a pretrained backbone."""
     folder = str(tmp_path_factory.mktemp("clip"))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(MINILM))
-    layers = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 2}
-    text = {**layers, "vocab_size": len(tokenizer), "max_position_embeddings": 64, "pad_token_id": 0}
-    text.update(bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
-    config = CLIPConfig(
-        text_config=text, vision_config={**layers, "image_size": 32, "patch_size": 8}, projection_dim=16
-    )
+    config, processor = tiny_clip()
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
