@@ -342,7 +342,8 @@ class FeatureStore:
 
         if isinstance(images, (str, bytes, os.PathLike, dict)) or hasattr(images, "getpixel"):
             raise TypeError(f"`{name}` must be a sequence of images, got one {type(images).__name__}.")
-        chunk_size = max(1, int(chunk_size))
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}.")
         scorer = model.image_scorer(processor, batch_size=batch_size, convert_to_rgb=convert_to_rgb)
         self._bind(fingerprint or image_backbone_fingerprint(model, processor))
         state = distributed_state() if distributed else None
@@ -361,26 +362,24 @@ class FeatureStore:
             ]
             keys = [image_key(image) for image in chunk]
             all_keys += keys
-            missing = [key for key in dict.fromkeys(keys) if key not in self._rows and key not in new_keys]
-            if state is not None:
-                _check_same_keys(missing)  # every process decides alike
-            if missing:
-                by_key = dict(zip(keys, chunk))
-                items = [by_key[key] for key in missing]
-                show = show_progress and not chunked
-                if state is None:
-                    features = self._checked(scorer.encode(items, show_progress=show))
-                    self.num_encoded += len(items)
-                else:
-                    size = lambda image: image.width * image.height  # noqa: E731
-                    features = self._encode_sharded(
-                        scorer.encode, size, items, missing, state, show, lockstep, register=False
+            missing = self._missing_keys(keys, state, pending=new_keys)
+            if missing:  # set aside: the table grows once, at the end, not once per chunk
+                new_features.append(
+                    self._encode_missing(
+                        missing,
+                        dict(zip(keys, chunk)),
+                        scorer.encode,
+                        lambda image: image.width * image.height,
+                        show_progress and not chunked,
+                        state,
+                        lockstep,
+                        rows_for=lambda width: torch.empty(len(missing), width, dtype=self.dtype),
                     )
+                )
                 new_keys.update(dict.fromkeys(missing))
-                new_features.append(features)
             progress.update(len(chunk))
         progress.close()
-        if new_keys:  # one growth of the table, not one per chunk
+        if new_keys:
             start = len(self)
             rows = self._grow(len(new_keys), new_features[0].shape[-1])
             for features in new_features:
@@ -404,21 +403,43 @@ class FeatureStore:
         item once; split across processes with `distributed`, ordered by `size`), writes the file, and returns the
         row of every item.
         """
-        missing = [key for key in dict.fromkeys(keys) if key not in self._rows]
         state = distributed_state() if distributed else None
-        if state is not None:
-            _check_same_keys(missing)
+        missing = self._missing_keys(keys, state)
         if missing:
-            by_key = dict(zip(keys, items))
-            new_items = [by_key[key] for key in missing]
-            if state is None:
-                features = encode(new_items, show_progress=show_progress)
-                self.num_encoded += len(new_items)
-                self._add_keyed(missing, features)
-            else:
-                self._encode_sharded(encode, size, new_items, missing, state, show_progress, lockstep)
+            start = len(self)
+            self._encode_missing(
+                missing,
+                dict(zip(keys, items)),
+                encode,
+                size,
+                show_progress,
+                state,
+                lockstep,
+                rows_for=lambda width: self._grow(len(missing), width),  # filled in place
+            )
+            self._register(missing, start)
             self._save_everywhere(state)  # the file is complete before any process goes on
         return [self._rows[key] for key in keys]
+
+    def _missing_keys(self, keys, state, pending=()) -> list[bytes]:
+        """The keys without a row (nor in `pending`), each once, in order; every process must find the same."""
+        missing = [key for key in dict.fromkeys(keys) if key not in self._rows and key not in pending]
+        if state is not None:
+            _check_same_keys(missing)
+        return missing
+
+    def _encode_missing(self, missing, by_key, encode, size, show_progress, state, lockstep, rows_for):
+        """
+        Encodes the items of the `missing` keys (`by_key[key]`), each once, into `rows_for(width)`, a tensor of
+        `len(missing)` rows to fill (new rows of the table, or rows set aside), and returns it. Under several processes
+        (`state`) each process encodes every `num_processes`-th item by `size` and the features are gathered.
+        """
+        items = [by_key[key] for key in missing]
+        if state is not None:
+            return self._encode_sharded(encode, size, items, state, show_progress, lockstep, rows_for)
+        features = self._checked(encode(items, show_progress=show_progress))
+        self.num_encoded += len(items)
+        return rows_for(features.shape[1]).copy_(features)
 
     def encode(
         self,
@@ -567,9 +588,9 @@ class FeatureStore:
             return keys, self.table
         return keys, self.table[torch.tensor(list(self._rows.values()), dtype=torch.long)]
 
-    def _encode_sharded(self, encode, size, items, keys, state, show_progress, lockstep, register=True):
-        """Each process encodes every `num_processes`-th item by size; the features are gathered into new rows of the
-        table (`register=True`) or into a tensor that is returned (`register=False`; `keys` are then not used)."""
+    def _encode_sharded(self, encode, size, items, state, show_progress, lockstep, rows_for) -> torch.Tensor:
+        """Each process encodes every `num_processes`-th item by size; the features are gathered into
+        `rows_for(width)` (the same on every process), which is returned."""
         world, rank = state.num_processes, state.process_index
         order = sorted(range(len(items)), key=lambda index: size(items[index]))  # the same on every process
         shards = [order[process::world] for process in range(world)]
@@ -591,15 +612,9 @@ class FeatureStore:
         for process, failure in enumerate(failures):
             if failure is not None:
                 raise RuntimeError(f"Encoding the texts failed on process {process}: {failure}")
-        hidden_size = local.shape[1]
-        if not register:
-            gathered = torch.empty(len(items), hidden_size, dtype=self.dtype)
-            _all_gather_rows(local, gathered, shards, state)
-            return gathered
-        start = len(self)
-        _all_gather_rows(local, self._grow(len(items), hidden_size), shards, state)
-        self._register(keys, start)
-        return None
+        rows = rows_for(local.shape[1])
+        _all_gather_rows(local, rows, shards, state)
+        return rows
 
 
 def distributed_state():
@@ -668,6 +683,23 @@ def _all_gather_rows(local: torch.Tensor, new_rows: torch.Tensor, shards: list[l
                 new_rows[torch.tensor(positions, dtype=torch.long)] = rows
 
 
+_FEATURE_COLUMNS = ("prompt_features", "chosen_features", "rejected_features")
+
+
+def _with_feature_columns(dataset, splits, item_columns, features, rows):
+    """`dataset` (a `Dataset`, or a `DatasetDict` of `splits`) with its `item_columns` replaced by the feature columns:
+    `rows[split][column]` lists, for each example, its row of `features` (float32). Every other column is kept."""
+    from datasets import Dataset, DatasetDict
+
+    output = {}
+    for name, split in splits.items():
+        columns = split.remove_columns(list(item_columns)).to_dict()
+        for column, column_rows in rows[name].items():
+            columns[column] = list(features[column_rows]) if column_rows else []  # one float32 array per example
+        output[name] = Dataset.from_dict(columns)
+    return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
+
+
 def featurize_preferences(
     dataset,
     model,
@@ -687,7 +719,7 @@ def featurize_preferences(
     `prompt_features` in place of the texts; every other column is kept. Each unique text is encoded once (across all
     splits), through `cache` (a [`FeatureStore`]; a new one in memory by default).
     """
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     from .modeling_pal import format_preference_texts
 
@@ -713,16 +745,14 @@ def featurize_preferences(
         model, tokenizer, texts, batch_size=batch_size, max_length=max_length, show_progress=show_progress
     ).numpy()
     index = {text: i for i, text in enumerate(texts)}
-    output = {}
-    for name, split in splits.items():
-        rows = formatted[name]
-        columns = {
-            column: split[column] for column in split.column_names if column not in ("prompt", "chosen", "rejected")
+    rows = {
+        name: {
+            column: [index[texts_of_row[position]] for texts_of_row in formatted[name]]
+            for position, column in enumerate(_FEATURE_COLUMNS)
         }
-        for position, column in enumerate(("prompt_features", "chosen_features", "rejected_features")):
-            columns[column] = features[[index[row[position]] for row in rows]].tolist() if rows else []
-        output[name] = Dataset.from_dict(columns)
-    return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
+        for name in splits
+    }
+    return _with_feature_columns(dataset, splits, ("prompt", "chosen", "rejected"), features, rows)
 
 
 class ImageColumn(Sequence):
@@ -774,7 +804,7 @@ def featurize_image_preferences(
     `cache` (a [`FeatureStore`]; a new one in memory by default). Images are checked as the trainer checks them: RGB
     only unless `convert_to_rgb=True`.
     """
-    from datasets import Dataset, DatasetDict
+    from datasets import DatasetDict
 
     if model.backbone is None or not model.is_image_model:
         raise ValueError(
@@ -828,19 +858,16 @@ def featurize_image_preferences(
             ),
         )
     )
-    table = cache.table.float().numpy()
-    output = {}
-    for name, split in splits.items():
-        columns = split.remove_columns(["prompt", "chosen_image", "rejected_image"]).to_dict()
-        rows = {
+    rows = {
+        name: {
             "prompt_features": [caption_rows[caption] for caption in captions[name]],
             "chosen_features": image_rows[(name, "chosen_image")],
             "rejected_features": image_rows[(name, "rejected_image")],
         }
-        for column, column_rows in rows.items():
-            columns[column] = list(table[column_rows]) if column_rows else []  # one float32 array per row
-        output[name] = Dataset.from_dict(columns)
-    return DatasetDict(output) if isinstance(dataset, DatasetDict) else output["data"]
+        for name in splits
+    }
+    table = cache.table.float().numpy()
+    return _with_feature_columns(dataset, splits, ("prompt", "chosen_image", "rejected_image"), table, rows)
 
 
 __all__ = [

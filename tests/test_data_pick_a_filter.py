@@ -161,10 +161,11 @@ def test_bad_input_is_a_clear_error(source, tmp_path):
         load_pick_a_filter_preferences(FIXTURE, min_prompts=2)  # too few prompts to split a user three ways
     with pytest.raises(ValueError, match="leaves no seen user"):
         load_pick_a_filter_preferences(FIXTURE, min_prompts=50)
-    labels = source.to_dict()
-    labels["label_0"][5] = None
-    with pytest.raises(ValueError, match=r"Row 5 of the source has the labels \(None"):
-        load_pick_a_filter_preferences(Dataset.from_dict(labels, features=source.features))
+    for bad in (None, 2.0, float("nan")):
+        labels = source.to_dict()
+        labels["label_0"][5] = bad
+        with pytest.raises(ValueError, match=rf"Row 5 of the source has the labels \({bad}.*numbers in \[0, 1\]"):
+            load_pick_a_filter_preferences(Dataset.from_dict(labels, features=source.features))
     broken = source.to_dict()
     broken["jpg_0"][0] = broken["jpg_1"][0] = b"not an image"  # with beta = 1 one of them is filtered, so decoded
     with pytest.raises(ValueError, match=r"Row 0 of the source: `jpg_[01]` is not a readable image"):

@@ -268,6 +268,9 @@ def test_images_are_read_and_encoded_a_chunk_at_a_time(tokenizer, tmp_path, monk
     assert rows == expected == [0, 1, 0, 2, 3, 1] and chunked.num_encoded == 4
     torch.testing.assert_close(chunked.table, whole.table)
     assert saves == [4]  # once, at the end
+    for chunk_size in (0, 2.5, "2"):
+        with pytest.raises(ValueError, match="`chunk_size` must be an integer >= 1"):
+            FeatureStore().encode_image_rows(model, processor, column, chunk_size=chunk_size)
     broken = [*images[:3], b"not an image"]
     with pytest.raises(ValueError, match=r"chosen_image\[3\].*could not be read as an image"):
         FeatureStore().encode_image_rows(model, processor, broken, chunk_size=2, name="chosen_image")

@@ -535,11 +535,12 @@ class PalRewardTrainer(RewardTrainer):
                 f"The {dataset_name} dataset has no {missing} column (columns: {columns}). An image PAL model trains on "
                 f"`prompt` (the caption), `chosen_image`, `rejected_image` and a user column.{texts}"
             )
-        for column in IMAGE_COLUMNS:  # read and decoded a chunk at a time, never the whole column
-            images = ImageColumn(dataset, column)
-            output[column.replace("_image", "_index")] = self._encode_items(
-                images, processor, args, images=True, name=f"{dataset_name} dataset, {column}"
-            )
+        with self._backbone_on_device(args):  # once for both columns (and the captions below)
+            for column in IMAGE_COLUMNS:  # read and decoded a chunk at a time, never the whole column
+                images = ImageColumn(dataset, column)
+                output[column.replace("_image", "_index")] = self._encode_items(
+                    images, processor, args, images=True, name=f"{dataset_name} dataset, {column}"
+                )
         same = torch.tensor(output["chosen_index"]) == torch.tensor(output["rejected_index"])
         _check_distinct(same, dataset_name, "the same chosen and rejected image")
         if model.needs_prompt:
@@ -555,7 +556,8 @@ class PalRewardTrainer(RewardTrainer):
                         f"Row {row} of the {dataset_name} dataset has the prompt {prompt!r}; PAL-B needs the caption "
                         "(a non-empty string) of every comparison."
                     )
-            output["prompt_index"] = self._encode_items(prompts, processor.tokenizer, args)
+            with self._backbone_on_device(args):
+                output["prompt_index"] = self._encode_items(prompts, processor.tokenizer, args)
         else:
             output["prompt_index"] = [-1] * len(dataset)
         return Dataset.from_dict(output)
@@ -591,27 +593,34 @@ class PalRewardTrainer(RewardTrainer):
         every process holds the same table (see [`~pal_rm.cache.FeatureStore.encode_rows`]).
         """
         model = self._pal_model
-        sharded = self._backbone_is_sharded()
-        move = not sharded and (images or bool(self.feature_store.missing(items)))
-        device = model.item_head.layers[-1].weight.device
-        if move:
-            model.to(args.device)
         encode = {
             "batch_size": args.encode_batch_size,
             "show_progress": not args.disable_tqdm,
             "distributed": True,
-            "lockstep": sharded,
+            "lockstep": self._backbone_is_sharded(),
             "fingerprint": self._backbone_fingerprint,
         }
-        try:
-            with self.full_pal_parameters():
-                if images:
-                    return self.embedding_cache.encode_image_rows(
-                        model, processing_class, items, convert_to_rgb=args.convert_images_to_rgb, name=name, **encode
-                    )
-                return self.embedding_cache.encode_rows(
-                    model, processing_class, items, max_length=args.max_length, **encode
+        needed = images or bool(self.feature_store.missing(items))  # images are keyed only once decoded
+        with self._backbone_on_device(args, needed), self.full_pal_parameters():
+            if images:
+                return self.embedding_cache.encode_image_rows(
+                    model, processing_class, items, convert_to_rgb=args.convert_images_to_rgb, name=name, **encode
                 )
+            return self.embedding_cache.encode_rows(
+                model, processing_class, items, max_length=args.max_length, **encode
+            )
+
+    @contextlib.contextmanager
+    def _backbone_on_device(self, args: PalRewardConfig, needed: bool = True):
+        """The model on `args.device` while its backbone encodes (when `needed`, and unless its parameters are sharded:
+        they stay where the sharding put them), and back where it was afterwards. Nested uses move it once."""
+        model = self._pal_model
+        move = needed and not self._backbone_is_sharded()
+        device = model.item_head.layers[-1].weight.device
+        if move:
+            model.to(args.device)
+        try:
+            yield
         finally:
             if move:
                 model.to(device)

@@ -665,6 +665,18 @@ def holds_images(dataset: DatasetDict) -> bool:
     return any(set(IMAGE_COLUMNS) & set(part.column_names) for part in dataset.values())
 
 
+def backbone_training_arguments(model_args: PalModelArguments, training_args: PalRewardConfig) -> list[str]:
+    """The arguments given that train or read a backbone's hidden states (`--use_peft`, `--train_backbone`,
+    `--pooling`): none applies when PAL trains its heads on fixed features, precomputed or from a frozen image
+    backbone."""
+    given = {
+        "--use_peft": model_args.use_peft,
+        "--train_backbone": training_args.train_backbone,
+        "--pooling": model_args.pooling is not None,
+    }
+    return [name for name, set_ in given.items() if set_]
+
+
 def check_image_arguments(model_args: PalModelArguments, training_args: PalRewardConfig) -> None:
     """Settings an image run cannot honour are an error, not ignored."""
     if model_args.model_name_or_path == MINILM:
@@ -673,15 +685,7 @@ def check_image_arguments(model_args: PalModelArguments, training_args: PalRewar
             "CLIP or SigLIP model (for example laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the PAL paper's), not the "
             "default text backbone."
         )
-    given = [
-        name
-        for name, set_ in {
-            "--use_peft": model_args.use_peft,
-            "--train_backbone": training_args.train_backbone,
-            "--pooling": model_args.pooling is not None,
-        }.items()
-        if set_
-    ]
+    given = backbone_training_arguments(model_args, training_args)
     if given:
         raise ValueError(
             f"The dataset holds images: PAL trains its heads on the frozen image backbone's cached features, so "
@@ -707,13 +711,8 @@ def feature_dataset_dim(dataset: DatasetDict, model_args: PalModelArguments, tra
     widths = {len(part[0][FEATURE_COLUMNS[0]]) for part in dataset.values() if len(part)}
     if len(widths) != 1:
         raise ValueError(f"The splits' `chosen_features` have different widths {sorted(widths)}.")
-    needs_backbone = {
-        "--model_name_or_path": model_args.model_name_or_path != MINILM,
-        "--use_peft": model_args.use_peft,
-        "--train_backbone": training_args.train_backbone,
-        "--pooling": model_args.pooling is not None,
-    }
-    given = [name for name, set_ in needs_backbone.items() if set_]
+    given = ["--model_name_or_path"] if model_args.model_name_or_path != MINILM else []
+    given += backbone_training_arguments(model_args, training_args)
     if given:
         raise ValueError(
             f"The dataset holds precomputed features, so PAL trains its heads on them without a backbone, and "

@@ -32,8 +32,8 @@ stays frozen).
 Comparisons (the rules as implemented, on the rows of `source_split`):
 
 1. Dropped and counted: rows with `has_label` false, rows with `are_different` false, ties (`label_0 == label_1`)
-   and rows with an empty caption. A row with a non-numeric label, no `user_id` or no image bytes is an error naming
-   the row.
+   and rows with an empty caption. A row with a label that is not a number in [0, 1], no `user_id` or no image bytes
+   is an error naming the row.
 2. Groups: the users of the kept rows (ids sorted, then a seeded permutation) alternate between G1 (`group` 0, the
    winning filter is `"cool"`) and G2 (`group` 1, `"warm"`), so the groups differ in size by at most one.
 3. Filters: a seeded permutation of the kept rows; its first `round(mix_ratio * n)` rows are shortlisted (so the
@@ -69,7 +69,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
@@ -183,6 +183,9 @@ class _Comparison:
     caption: str
     winner: int  # 0 or 1: which of jpg_0 / jpg_1 the user chose
     ranking_id: int
+    group: int = -1  # rules 2 and 3, set once every comparison is known
+    filtered: str = "none"
+    filter: str = ""
 
 
 def _is_number(value: Any) -> bool:
@@ -201,10 +204,10 @@ def _comparisons(metadata: dict[str, list], counts: Counter) -> list[_Comparison
         if "has_label" in metadata and not metadata["has_label"][row]:
             counts["rows without a label (has_label false)"] += 1
             continue
-        if not _is_number(label_0) or not _is_number(label_1):
+        if not all(_is_number(label) and 0 <= label <= 1 for label in (label_0, label_1)):
             raise ValueError(
                 f"Row {row} of the source has the labels ({label_0!r}, {label_1!r}); Pick-a-Pic's `label_0` and "
-                "`label_1` are numbers (1 / 0 for a preference, 0.5 / 0.5 for a tie)."
+                "`label_1` are numbers in [0, 1] (1 / 0 for a preference, 0.5 / 0.5 for a tie)."
             )
         if "are_different" in metadata and not metadata["are_different"][row]:
             counts["rows whose two images are the same (are_different false)"] += 1
@@ -293,7 +296,6 @@ def _filtered_png(data: bytes, kind: str, strength: float, row: int, column: str
 def _split_dataset(
     source: Dataset,
     comparisons: list[_Comparison],
-    extras: dict[int, dict],
     strength: float,
     fingerprint: str,
     num_proc: int | None,
@@ -305,21 +307,20 @@ def _split_dataset(
 
     def build(example: dict, position: int) -> dict:
         comparison = comparisons[position]
-        extra = extras[comparison.row]
         images = {}
         for role, index in (("chosen", comparison.winner), ("rejected", 1 - comparison.winner)):
             column = f"jpg_{index}"
             data = _image_bytes(example[column], comparison.row, column)
-            if extra["filtered"] == role:
-                data = _filtered_png(data, extra["filter"], strength, comparison.row, column)
+            if comparison.filtered == role:
+                data = _filtered_png(data, comparison.filter, strength, comparison.row, column)
             images[f"{role}_image"] = {"bytes": data, "path": None}
         return {
             "user_id": comparison.user_id,
             "prompt": comparison.caption,
             **images,
-            "group": extra["group"],
-            "filtered": extra["filtered"],
-            "filter": extra["filter"],
+            "group": comparison.group,
+            "filtered": comparison.filtered,
+            "filter": comparison.filter,
             "ranking_id": comparison.ranking_id,
             "source_row": comparison.row,
         }
@@ -426,11 +427,10 @@ def load_pick_a_filter_preferences(
         )
     groups = _groups(sorted({comparison.user_id for comparison in comparisons}), seed)
     filtered = _filters(len(comparisons), float(mix_ratio), seed)
-    extras = {}
-    for comparison, which in zip(comparisons, filtered):
+    for position, (comparison, which) in enumerate(zip(comparisons, filtered)):
         group = groups[comparison.user_id]
         kind = "" if which == "none" else (_WINNING_FILTER if which == "chosen" else _LOSING_FILTER)[group]
-        extras[comparison.row] = {"group": group, "filtered": which, "filter": kind}
+        comparisons[position] = replace(comparison, group=group, filtered=which, filter=kind)
 
     prompts: dict[str, dict[str, list[_Comparison]]] = {}
     for comparison in comparisons:
@@ -472,7 +472,6 @@ def load_pick_a_filter_preferences(
             split: _split_dataset(
                 source,
                 split_rows,
-                extras,
                 filter_strength,
                 Hasher.hash(("pick-a-filter", _BUILD_VERSION, *settings, split)),
                 num_proc,
